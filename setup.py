@@ -51,7 +51,6 @@ def _nvidia_wheel_includes():
     dirs = []
     for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
         dirs += glob.glob(os.path.join(base, "nvidia", "cu*", "include"))
-        dirs += glob.glob(os.path.join(base, "nvidia", "*", "include"))
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 

@@ -1,0 +1,128 @@
+"""torch.library.opcheck on every op of the library, and torch.compile through the Python API.
+
+SAMPLES maps every op name to a factory ``device -> list of (args, kwargs)``. The test asserts
+that every op registered in csrc/ops.cpp has an entry, so adding an op without samples fails
+here. opcheck runs its default utilities: schema (mutation/aliasing as declared), autograd
+registration, fake tensor (the register_fake in tasksieve/ops.py) and AOT dispatch with dynamic
+shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES, requires_kernel
+from tasksieve import _ext, ops
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _window_scores_samples(device):
+    g = _gen(0)
+    out = []
+    for (B, A, H, Hk, N, D, w, reduce, dtype) in [
+        (1, 4, 4, 2, 37, 16, 4, "max", torch.float32),
+        (2, 3, 6, 3, 20, 8, 3, "mean", torch.bfloat16),
+        (2, 5, 2, 2, 5, 8, 1, "max", torch.float16),  # A = N: nw = 0
+    ]:
+        q = torch.randn(B, A, H, D, generator=g).to(dtype=dtype, device=device)
+        k = torch.randn(B, Hk, N, D, generator=g).to(dtype=dtype, device=device).transpose(1, 2)
+        out.append(((q, k, w, reduce), {}))
+        start = torch.randint(0, N - A + 1, (B,), generator=g, dtype=torch.int32).to(device)
+        out.append(((q, k, w, reduce), {"scale": 0.2, "kv_start": start}))
+    return out
+
+
+def _select_windows_samples(device):
+    g = _gen(1)
+    s = torch.rand(2, 3, 11, generator=g).to(device)
+    return [((s, 4, False), {}), ((s, 4, True), {}), ((s, 20, False), {}),
+            ((s[..., :0], 3, True), {})]
+
+
+def _gather_samples(device, inplace):
+    g = _gen(2)
+    B, Hk, N, w, tail = 2, 2, 30, 4, 5
+    kv = [torch.randn(B, Hk, N, D, generator=g).to(device) for D in (8, 16)]
+    kv.append(torch.randn(B, N, Hk, 8, generator=g).to(device).transpose(1, 2))  # strided rows
+    limit = (N - tail) // w
+    rows = [torch.randperm(limit, generator=g)[:3].sort().values for _ in range(B * Hk)]
+    idx = torch.stack(rows).view(B, Hk, 3).to(torch.int32).to(device)
+    empty = idx[..., :0]
+    if inplace:
+        # opcheck runs the op several times on the same tensors: give it fresh copies each time.
+        return [(([t.clone() for t in kv], idx, w, tail), {}), (([kv[0].clone()], empty, w, N), {})]
+    return [((kv, idx, w, tail), {}), (([kv[1]], empty, w, tail), {}),
+            (([kv[0]], idx.flip(-1), w, 0), {})]
+
+
+SAMPLES = {
+    "window_scores": _window_scores_samples,
+    "select_windows": _select_windows_samples,
+    "gather_windows": lambda device: _gather_samples(device, inplace=False),
+    "gather_windows_": lambda device: _gather_samples(device, inplace=True),
+}
+
+
+def test_every_op_has_samples():
+    names = _ext.op_names()
+    assert names, "no tasksieve ops registered"
+    missing = sorted(set(names) - set(SAMPLES))
+    assert not missing, f"ops without opcheck samples in tests/test_opcheck.py: {missing}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_opcheck(name, device):
+    if name not in _ext.op_names():
+        pytest.fail(f"SAMPLES lists {name!r}, which is not registered")
+    requires_kernel(name, device)
+    op = getattr(torch.ops.tasksieve, name).default
+    for args, kwargs in SAMPLES[name](device):
+        torch.library.opcheck(op, args, kwargs)
+
+
+def test_compile_fullgraph_windowkv():
+    """score -> select -> gather (out of place and in place) compiles into one graph on CPU."""
+    g = _gen(3)
+    B, A, H, Hk, N, D, w, tail = 2, 4, 4, 2, 40, 16, 4, 8
+    q = torch.randn(B, A, H, D, generator=g)
+    kcache = torch.randn(B, Hk, N, D, generator=g)
+    vcache = torch.randn(B, Hk, N, D, generator=g)
+
+    def compress(q, kcache, vcache, kc, vc):
+        scores = ops.window_scores(q, kcache.transpose(1, 2), w, "max")
+        idx = ops.select_windows(scores, 4, share=True)
+        k2, v2 = ops.gather_windows([kcache, vcache], idx, w, tail)
+        ops.gather_windows_([kc, vc], idx, w, tail)  # mutates graph inputs
+        return scores, idx, k2, v2
+
+    torch._dynamo.reset()
+    # No pointwise ops in the graph, so inductor has no C++ kernel to compile (seconds, not a
+    # minute, on a cold cache).
+    compiled = torch.compile(compress, fullgraph=True, dynamic=False)
+    kc, vc = kcache.clone(), vcache.clone()
+    got = compiled(q, kcache, vcache, kc, vc) + (kc, vc)
+    kc, vc = kcache.clone(), vcache.clone()
+    expect = compress(q, kcache, vcache, kc, vc) + (kc, vc)
+    torch.testing.assert_close(got[0], expect[0])
+    for a, b in zip(got[1:], expect[1:]):
+        assert torch.equal(a, b)
+
+
+def test_meta_tensors_use_the_fakes():
+    """Shape inference without data: the wrappers route meta tensors to the fakes."""
+    q = torch.empty(2, 4, 8, 64, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(2, 1000, 2, 64, device="meta", dtype=torch.bfloat16)
+    scores = ops.window_scores(q, k, 8, "max")
+    assert scores.shape == (2, 2, 124) and scores.dtype == torch.float32
+    idx = ops.select_windows(scores, 10, share=True)
+    assert idx.shape == (2, 2, 10) and idx.dtype == torch.int32
+    assert ops.select_windows(scores, 500).shape == (2, 2, 124)
+    kv = [torch.empty(2, 2, 1000, d, device="meta", dtype=torch.bfloat16) for d in (64, 32)]
+    out = ops.gather_windows(kv, idx, 8, 20)
+    assert [tuple(t.shape) for t in out] == [(2, 2, 100, 64), (2, 2, 100, 32)]
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "meta" for t in out)
+    assert ops.gather_windows_(kv, idx, 8, 20) is None

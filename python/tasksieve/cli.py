@@ -1,0 +1,262 @@
+"""The ``tasksieve`` command.
+
+    tasksieve demo  [--length 4000] [--depth 0.5] [--budget 0.12]    dense vs WindowKV on the embedded model
+    tasksieve niah  [--lengths ...] [--depths ...] [--methods ...]    passkey grid + KL/top-1 vs full KV
+    tasksieve bench ...                                               microbenchmarks (tasksieve.bench)
+    tasksieve info  [--json]                                          what was built, which ops have kernels
+
+``python -m tasksieve ...`` is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+__all__ = ["build_parser", "main"]
+
+DEFAULT_NIAH_METHODS = "dense,windowkv:0.12,snapkv:0.12,pyramidkv:0.12"
+DEFAULT_NIAH_OUT = "bench/results/niah"
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        vals = [int(float(x)) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or any(v < 16 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts >= 16, got {s!r}")
+    return vals
+
+
+def _depth_list(s: str) -> list[float]:
+    try:
+        vals = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated depths in [0, 1], got {s!r}") from None
+    if not vals or any(not 0.0 <= v <= 1.0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated depths in [0, 1], got {s!r}")
+    return vals
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _budget(s: str) -> float:
+    v = float(s)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a budget ratio in (0, 1], got {s!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tasksieve",
+        description="tasksieve: compute only what the task needs (sparse prefill, KV windows, expert pruning).",
+    )
+    sub = p.add_subparsers(dest="command", metavar="{demo,niah,bench,info}")
+    sub.required = True
+
+    d = sub.add_parser("demo", help="dense vs WindowKV on the embedded SmolLM2-135M with a hidden passkey")
+    d.add_argument("--length", type=_positive_int, default=4000, help="context tokens (default 4000)")
+    d.add_argument("--depth", type=float, default=0.5, help="relative needle depth in [0, 1] (default 0.5)")
+    d.add_argument("--budget", type=_budget, default=0.12, help="WindowKV budget ratio (default 0.12)")
+    d.add_argument("--strategy", default="auto", help="WindowKV strategy: auto, max or mean (default auto)")
+    d.add_argument("--group", type=_positive_int, default=None,
+                   help="WindowKV layers sharing one selection (default: the WindowKV default)")
+    d.add_argument("--window", type=_positive_int, default=None, help="WindowKV window length (default: WindowKV's)")
+    d.add_argument("--haystack", choices=("essays", "pydoc"), default="essays")
+    d.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+
+    n = sub.add_parser("niah", help="needle-in-a-haystack grid: pass rate, KL and top-1 agreement vs full KV")
+    n.add_argument("--lengths", type=_int_list, default=[1000, 3000, 5000, 7000],
+                   help="comma-separated context lengths in tokens (default 1000,3000,5000,7000)")
+    n.add_argument("--depths", type=_depth_list, default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                   help="comma-separated needle depths (default 0.1,0.3,0.5,0.7,0.9)")
+    n.add_argument("--methods", default=DEFAULT_NIAH_METHODS,
+                   help="comma-separated: dense and/or name:budget with name in windowkv, snapkv, pyramidkv "
+                        f"(default {DEFAULT_NIAH_METHODS})")
+    n.add_argument("--haystack", choices=("essays", "pydoc"), default="essays")
+    n.add_argument("--out", default=DEFAULT_NIAH_OUT, help=f"output folder (default {DEFAULT_NIAH_OUT})")
+    n.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--threads", type=_positive_int, default=None)
+    n.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("bench", help="microbenchmarks (arguments go to tasksieve.bench)", add_help=False)
+    sub.add_parser("info", help="build and dispatch information (arguments go to tasksieve.info)", add_help=False)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024.0
+    return f"{n:.1f} GiB"
+
+
+def _cache_tokens(cache) -> float:
+    """Mean tokens per layer held by a cache (layers may differ after pyramid budgets)."""
+    layers = getattr(cache, "layers", None)
+    lens = []
+    if layers is not None:
+        for layer in layers:
+            k = getattr(layer, "keys", None)
+            if k is not None and hasattr(k, "shape") and k.dim() >= 3:
+                lens.append(k.shape[-2])
+    return sum(lens) / len(lens) if lens else float("nan")
+
+
+def _timed_generate(model, ids, max_new_tokens: int):
+    """Greedy generate; returns (new token ids, prefill seconds, decode seconds, cache)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class _Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList([_Stamp()]),
+        )
+    t1 = time.perf_counter()
+    prefill = (stamps[0] if stamps else t1) - t0
+    cache = getattr(out, "cache", None)
+    if cache is None:  # transformers < 5.2x
+        cache = getattr(out, "past_key_values", None)
+    return out.sequences[0, ids.shape[1]:], prefill, t1 - t0 - prefill, cache
+
+
+def _demo(args) -> int:
+    import torch
+
+    import tasksieve as ts
+    from tasksieve import niah
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not 0.0 <= args.depth <= 1.0:
+        print(f"tasksieve demo: --depth must be in [0, 1], got {args.depth}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    model, tok = ts.models.load_default()
+    print(f"model: {ts.models.DEFAULT_NAME}, loaded in {time.perf_counter() - t0:.1f} s "
+          f"({torch.get_num_threads()} CPU threads)")
+    case = niah.build_case(tok, args.length, args.depth, haystack=args.haystack, seed=args.seed)
+    print(f"prompt: {case.prompt_tokens} tokens ({case.haystack} haystack), passkey {case.key} hidden at depth "
+          f"{case.depth_actual:.2f}")
+    print(f"question: {niah.QUESTION}\n")
+    ids = case.input_ids
+    eos = niah._eos_ids(model, tok)
+
+    results = []
+    new, pre, dec, cache = _timed_generate(model, ids, args.max_new_tokens)
+    results.append(("dense (full KV)", new, pre, dec, cache, ""))
+
+    extra = {k: getattr(args, k) for k in ("group", "window") if getattr(args, k) is not None}
+    press = ts.WindowKV(budget=args.budget, strategy=args.strategy, **extra)
+    ts.patch(model, kv=press)
+    try:
+        new, pre, dec, cache = _timed_generate(model, ids, args.max_new_tokens)
+        info = niah._press_info(model)
+    finally:
+        ts.unpatch(model)
+    strategy = niah._strategy_of(info)
+    if strategy and args.strategy == "auto" and info.get("auto_statistic") is not None:
+        thr = getattr(press, "auto_threshold", None)
+        strategy += f" (peak share {info['auto_statistic']:.3f}" + (f", threshold {thr:g})" if thr else ")")
+    label = ", ".join([f"budget={args.budget:g}"] + [f"{k}={v}" for k, v in extra.items()])
+    results.append((f"WindowKV({label})", new, pre, dec, cache, strategy))
+
+    dense_bytes = niah.cache_nbytes(results[0][4])
+    width = max(len(r[0]) for r in results)
+    for name, new, pre, dec, cache, strategy in results:
+        answer = niah._decode(tok, [t for t in new.tolist() if t not in eos]).strip()
+        nb = niah.cache_nbytes(cache)
+        ok = "PASS" if niah.passed(answer, case.key) else "FAIL"
+        print(f"{name:<{width}}  answer: {answer!r}  [{ok}]")
+        print(f"{'':<{width}}  KV cache: {_fmt_bytes(nb)} ({_cache_tokens(cache):.0f} tokens/layer, "
+              f"{100.0 * nb / dense_bytes:.1f}% of dense)   prefill {pre:.2f} s + decode {dec:.2f} s "
+              f"({len(new)} tokens)")
+        if strategy:
+            how = "picked by the auto rule" if args.strategy == "auto" else "(set explicitly)"
+            print(f"{'':<{width}}  window strategy {how}: {strategy}")
+    before, after = info.get("kv_bytes_before"), info.get("kv_bytes_after")
+    if before and after:
+        print(f"\nprompt KV after prefill: dense {_fmt_bytes(before)} -> WindowKV {_fmt_bytes(after)} "
+              f"({100.0 * after / before:.1f}% kept)")
+    print(f"key: {case.key}  (KV cache sizes above: at the end of generation, prompt + answer tokens)")
+    return 0
+
+
+def _niah(args) -> int:
+    import torch
+
+    import tasksieve as ts
+    from tasksieve import niah
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = niah.parse_methods(args.methods)
+    t0 = time.perf_counter()
+    model, tok = ts.models.load_default()
+    print(f"model: {ts.models.DEFAULT_NAME}, loaded in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    rows = niah.run_niah(model, tok, methods, lengths=args.lengths, depths=args.depths, haystack=args.haystack,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress)
+    wall = time.perf_counter() - t0
+    haystack = rows[0]["haystack"] if rows else args.haystack
+    cfg = niah.run_config(model, tok, lengths=args.lengths, depths=args.depths, methods=list(methods),
+                          method_repr={k: repr(v) for k, v in methods.items()}, haystack=haystack,
+                          haystack_requested=args.haystack, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                          key_seeds={f"{n}@{d:g}": niah.case_seed(args.seed, n, d)
+                                     for n in args.lengths for d in args.depths},
+                          wall_s=round(wall, 1))
+    paths = niah.write_results(rows, args.out, cfg)
+    print(niah.summarize(rows))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from tasksieve import bench
+
+        return int(bench.main(argv[1:]) or 0)
+    if argv and argv[0] == "info":
+        from tasksieve import info
+
+        return int(info.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "niah":
+        return _niah(args)
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

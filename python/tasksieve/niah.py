@@ -622,12 +622,17 @@ def plot_heatmap(rows: Sequence[Mapping], path: str | os.PathLike, title: str | 
     methods = _methods_in_order(rows)
     lengths = sorted({int(r["length"]) for r in rows})
     depths = sorted({float(r["depth"]) for r in rows})
-    ncol = max(1, len(methods))
+    ncol = max(1, min(3, len(methods)))  # a grid of panels, three per row, so the figure stays readable
+    nrow = -(-max(1, len(methods)) // ncol)
     fig, axes = plt.subplots(
-        1, ncol, figsize=(1.2 + 0.9 * len(depths) * ncol + 0.4 * ncol, 0.9 + 0.55 * len(lengths)), squeeze=False
+        nrow, ncol, figsize=(1.0 + (0.7 * len(depths) + 0.8) * ncol, 0.6 + (0.45 * len(lengths) + 0.9) * nrow),
+        squeeze=False,
     )
     cmap = ListedColormap(["#d9534f", "#5cb85c"])  # fail, pass
-    for ax, m in zip(axes[0], methods):
+    flat = list(axes.flat)
+    for ax in flat[len(methods):]:
+        ax.axis("off")
+    for ax, m in zip(flat, methods):
         grid = torch.full((len(lengths), len(depths)), float("nan"))
         kls: dict[tuple[int, int], float] = {}
         for r in rows:
@@ -642,7 +647,7 @@ def plot_heatmap(rows: Sequence[Mapping], path: str | os.PathLike, title: str | 
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_xlabel("needle depth")
-        if ax is axes[0][0]:
+        if ax in axes[:, 0]:
             ax.set_ylabel("context tokens")
         rs = [r for r in rows if r["method"] == m]
         npass = sum(bool(r["passed"]) for r in rs)

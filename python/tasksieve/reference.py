@@ -301,8 +301,8 @@ def check_gather_windows_args(kv, idx, window, tail, *, inplace: bool = False) -
                       f"got idx[{b}, {h}, {p}] = {int(idx[b, h, p])} then {int(idx[b, h, p + 1])}")
 
 
-def _gather_rows(N: int, idx: torch.Tensor, window: int, tail: int) -> torch.Tensor:
-    """Source token of every output row: int64 [B, Hk, keep*window + tail]."""
+def gathered_token_index(N: int, idx: torch.Tensor, window: int, tail: int) -> torch.Tensor:
+    """Source token of every output row of ``gather_windows``: int64 [B, Hk, keep*window + tail]."""
     B, Hk, keep = idx.shape
     offs = torch.arange(window, device=idx.device)
     body = (idx.long().unsqueeze(-1) * window + offs).reshape(B, Hk, keep * window)
@@ -335,7 +335,7 @@ def reference_gather_windows(
     """
     check_gather_windows_args(kv, idx, window, tail)
     N = kv[0].shape[2]
-    rows = _gather_rows(N, idx, window, tail)
+    rows = gathered_token_index(N, idx, window, tail)
     out = []
     for t in kv:
         src = rows.unsqueeze(-1).expand(*rows.shape, t.shape[3])
@@ -361,7 +361,7 @@ def reference_gather_windows_(
     """
     check_gather_windows_args(kv, idx, window, tail, inplace=True)
     N = kv[0].shape[2]
-    rows = _gather_rows(N, idx, window, tail)
+    rows = gathered_token_index(N, idx, window, tail)
     L = rows.shape[-1]
     for t in kv:
         src = rows.unsqueeze(-1).expand(*rows.shape, t.shape[3])

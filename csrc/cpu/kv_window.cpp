@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -20,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <string>
@@ -98,90 +101,132 @@ TS_VEC_INLINE vf8 exp2_neg(vf8 x) {
 // ---------------------------------------------------------------------------------------------
 // window_scores
 //
-// Per (b, hk) the M = G*A observation rows r = g*A + a (query a of head hk*G + g), pre-scaled
-// by scale*log2(e) so that exp(scale * q.k - max) = 2^(row logit - row max):
-//   pass 1  row max m_r and row sum l_r = sum_j 2^(L_rj - m_r) over the visible keys
-//           [kv_start, N - A + a], online over key blocks, parallel over (b, hk, key chunk);
-//   pass 2  column mass s_g[j] = sum_a 2^(L_rj - m_r) / l_r for j in the review region
-//           [0, nw*window) (every query sees it entirely, no causal mask), pooled into window
-//           scores and averaged over g; parallel over (b, hk, chunk of whole windows).
-// Logits are recomputed in pass 2 rather than stored: a thread only ever holds one
-// [kRT, kKB] tile and one [D, kKB] key block.
+// Work item = (b, hk, group of hpi query heads of hk) with Mi = hpi*A observation rows
+// r = g*A + a, pre-scaled by scale*log2(e) so that exp(scale * q.k - max) = 2^(L - max).
+// The logits are computed ONCE, key block by key block from kv_start on:
+//   1. L = Q K_blk^T by one BLAS GEMM (at::cpu::mm_out, single-threaded inside parallel_for)
+//      into the item's buffer of tiles [block][Mi][kKB];
+//   2. while the tile is hot in cache: per row the block max m_b over the visible keys,
+//      P = 2^(L - m_b) in place, and the row's softmax (max m_r, sum l_r) updated online.
+// Then the column mass s_g[j] = sum_a P[r, j] * 2^(m_b - m_r) / l_r over the review region
+// [0, nw*window) (every query sees all of it: no causal mask there) is pooled per query head
+// into window scores; the heads are averaged per KV head at the end.
+// The buffer holds one item's logits (Mi x N floats, at most kBufBytes unless hpi = 1) per
+// thread, never the whole [B, H, A, N] tensor.
 // ---------------------------------------------------------------------------------------------
-constexpr int64_t kKB = 64;       // keys per block (columns of a logit tile)
-constexpr int64_t kRT = 6;        // rows per register tile
-constexpr int64_t kChunk1 = 512;  // keys per pass-1 work item
-constexpr int64_t kChunk2 = 512;  // target keys per pass-2 work item (whole windows)
+constexpr int64_t kKB = 512;                      // keys per block: a tile stays in L2
+constexpr int64_t kBufBytes = int64_t{4} << 20;  // logits buffer per thread, hpi > 1
 
-// out[r][c] = sum_d q[r][d] * kt[d][c] for r < kRT, c < kKB. q rows have stride D, kt is the
-// key block transposed ([D][kKB]), so the inner loop is 8-wide FMAs over keys: a 6 x 16 tile
-// keeps 12 accumulators + 2 key vectors + 1 broadcast in the 16 AVX2 registers, enough
-// independent FMAs to hide their latency.
+// row[0, kKB) holds logits of which [0, lim) are visible: returns their max m_b and turns the
+// row into 2^(L - m_b) (0 for masked and padding columns); *sum = the row's sum.
 TS_SIMD_CLONES
-void logit_tile(const float* q, int64_t D, const float* kt, float* out) {
-  for (int64_t c0 = 0; c0 < kKB; c0 += 16) {
-    vf8 acc[kRT][2];
-#pragma GCC unroll 8
-    for (int r = 0; r < kRT; ++r) acc[r][0] = acc[r][1] = splat8(0.f);
-    for (int64_t d = 0; d < D; ++d) {
-      const vf8 k0 = load8(kt + d * kKB + c0);
-      const vf8 k1 = load8(kt + d * kKB + c0 + 8);
-#pragma GCC unroll 8
-      for (int r = 0; r < kRT; ++r) {
-        const vf8 b = splat8(q[r * D + d]);
-        acc[r][0] += b * k0;
-        acc[r][1] += b * k1;
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < kRT; ++r) {
-      store8(out + r * kKB + c0, acc[r][0]);
-      store8(out + r * kKB + c0 + 8, acc[r][1]);
-    }
-  }
-}
-
-// Online softmax statistics of one row over one key block: `row` holds kKB logits of which
-// [0, lim) are visible (the rest are overwritten with -inf here). Updates (m, l).
-TS_SIMD_CLONES
-void row_stats_update(float* row, int64_t lim, float* m, float* l) {
+float exp_row(float* row, int64_t lim, float* sum) {
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t c = lim; c < kKB; ++c) row[c] = ninf;
-  float bm = ninf;
-  for (int64_t c = 0; c < lim; ++c) bm = row[c] > bm ? row[c] : bm;
-  const float m_new = bm > *m ? bm : *m;
-  vf8 acc = splat8(0.f);
-  const vf8 mv = splat8(m_new);
-  for (int64_t c = 0; c < kKB; c += 8) acc += exp2_neg(load8(row + c) - mv);
-  float sum = 0.f;
-  for (int i = 0; i < 8; ++i) sum += acc[i];
-  *l = *l * std::exp2(*m - m_new) + sum;  // *m = -inf on the first block: 0 * ... + sum
-  *m = m_new;
-}
-
-// col[c] += 2^(row[c] - m) * inv_l for c in [lo, hi); other columns of `row` are clobbered.
-TS_SIMD_CLONES
-void col_mass_add(float* row, int64_t lo, int64_t hi, float m, float inv_l, float* col) {
-  const float ninf = -std::numeric_limits<float>::infinity();
-  for (int64_t c = 0; c < lo; ++c) row[c] = ninf;
-  for (int64_t c = hi; c < kKB; ++c) row[c] = ninf;
-  const vf8 mv = splat8(m), iv = splat8(inv_l);
-  for (int64_t c = 0; c < kKB; c += 8)
-    store8(col + c, load8(col + c) + exp2_neg(load8(row + c) - mv) * iv);
-}
-
-// Copies keys [j0, j0 + n) of one KV head into kt ([D][kKB], fp32), zero-padding the block.
-template <typename T>
-void load_key_block(const T* k, int64_t stride_n, int64_t j0, int64_t n, int64_t D, float* kt) {
-  if (n < kKB) std::fill(kt, kt + D * kKB, 0.f);
-  for (int64_t c = 0; c < n; ++c) {
-    const T* src = k + (j0 + c) * stride_n;
-    for (int64_t d = 0; d < D; ++d) kt[d * kKB + c] = static_cast<float>(src[d]);
+  vf8 mx = splat8(ninf);
+  for (int64_t c = 0; c < kKB; c += 8) {
+    const vf8 v = load8(row + c);
+    mx = v > mx ? v : mx;
   }
+  float m = ninf;
+  for (int i = 0; i < 8; ++i) m = mx[i] > m ? mx[i] : m;
+  const vf8 mv = splat8(m);
+  vf8 acc = splat8(0.f);
+  for (int64_t c = 0; c < kKB; c += 8) {
+    const vf8 p = exp2_neg(load8(row + c) - mv);
+    store8(row + c, p);
+    acc += p;
+  }
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += acc[i];
+  *sum = s;
+  return m;
+}
+
+// col[c] += f * p[c] for c < kKB.
+TS_SIMD_CLONES
+void axpy_block(float f, const float* p, float* col) {
+  const vf8 fv = splat8(f);
+  for (int64_t c = 0; c < kKB; c += 8) store8(col + c, load8(col + c) + fv * load8(p + c));
+}
+
+// window::window_reduce over the nw windows of one head's column mass, bit for bit; but
+// reduce="max" over windows of up to 64 tokens ranks by counting instead of kt selection walks
+// with unpredictable branches: rank(t) = #{u : u ranks before t} (a strict total order, so the
+// ranks are a permutation of 0..w-1), 8 t's per vector; the values are then placed by rank
+// and the top kt summed in rank order, exactly as window_reduce sums them.
+TS_SIMD_CLONES
+void reduce_windows(const float* col, int64_t nw, int64_t window, bool reduce_max, float* out) {
+  constexpr int64_t kMaxW = 64;
+  if (!reduce_max || window > kMaxW) {
+    for (int64_t m = 0; m < nw; ++m)
+      out[m] = window::window_reduce(col + m * window, window, reduce_max);
+    return;
+  }
+  const int64_t kt = window::topk_count(window);
+  float v[kMaxW], top[kMaxW];
+  int32_t rank[kMaxW];
+  std::fill(v, v + kMaxW, 0.f);  // lanes past the window: ranked, never used
+  const vi8 iota = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (int64_t m = 0; m < nw; ++m) {
+    const float* s = col + m * window;
+    for (int64_t t = 0; t < window; ++t) v[t] = ts_nan_to_neg_inf(s[t]);
+    for (int64_t t0 = 0; t0 < window; t0 += 8) {
+      const vf8 vt = load8(v + t0);
+      const vi8 ti = iota + static_cast<int32_t>(t0);
+      vi8 rk = ti - ti;
+      for (int64_t u = 0; u < window; ++u) {  // u ranks before t: larger, or equal and u < t
+        const vf8 vu = splat8(v[u]);
+        rk -= (vu > vt) | ((vu == vt) & (static_cast<int32_t>(u) < ti));
+      }
+      std::memcpy(rank + t0, &rk, sizeof(rk));
+    }
+    for (int64_t t = 0; t < window; ++t) top[rank[t]] = s[t];
+    float sum = 0.f;
+    for (int64_t r = 0; r < kt; ++r) sum += top[r];
+    out[m] = sum / static_cast<float>(kt);
+  }
+}
+
+// dst[0, n) = src[0, n) in fp32; cloned so that the bf16/fp16 conversions vectorise.
+TS_SIMD_CLONES
+void to_float(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+}
+TS_SIMD_CLONES
+void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+TS_SIMD_CLONES
+void to_float(const c10::Half* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// Keys [j0, j0 + n) of one KV head (rows ksn apart) as a contiguous fp32 [n, D] matrix in buf.
+// fp32 keys are copied too: BLAS packs a contiguous, L2-resident block much faster than rows
+// fetched from the (large, possibly strided) cache.
+template <typename T>
+at::Tensor key_block(const T* k, int64_t ksn, int64_t j0, int64_t n, int64_t D, float* buf) {
+  for (int64_t c = 0; c < n; ++c) to_float(k + (j0 + c) * ksn, buf + c * D, D);
+  return at::from_blob(buf, {n, D}, at::kFloat);
+}
+
+// Query heads per work item: all G heads of a KV head when possible (one GEMM of G*A rows per
+// key block: the best GEMM shape, each key block read and converted once); fewer when there
+// are fewer KV heads than threads, or when the item's logits would exceed kBufBytes.
+int64_t heads_per_item(int64_t BHk, int64_t G, int64_t A, int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  int64_t hpi = G;
+  for (int64_t d = G; d >= 1; --d) {
+    if (G % d != 0) continue;
+    hpi = d;
+    if (BHk * (G / d) >= threads && d * A * round_up(N, kKB) * 4 <= kBufBytes) break;
+  }
+  return hpi;
 }
 
 struct ScoreShape {
-  int64_t B, A, H, D, N, Hk, G, M, Mpad, nw, window;
+  int64_t B, A, H, D, N, Hk, G, M, nw, window;
   bool reduce_max;
 };
 
@@ -189,7 +234,7 @@ template <typename T>
 void window_scores_impl(const at::Tensor& q_obs, const at::Tensor& k, const ScoreShape& s,
                         float scale_log2, const int32_t* kv_start, float* out) {
   const int64_t B = s.B, A = s.A, D = s.D, N = s.N, Hk = s.Hk, G = s.G, M = s.M;
-  const int64_t Mpad = s.Mpad, nw = s.nw, window = s.window;
+  const int64_t nw = s.nw, window = s.window, R = nw * window;
   const int64_t BH = B * Hk;
   const T* qp = q_obs.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
@@ -198,111 +243,82 @@ void window_scores_impl(const at::Tensor& q_obs, const at::Tensor& k, const Scor
   auto key_base = [&](int64_t bh) { return kp + (bh / Hk) * ksb + (bh % Hk) * ksh; };
   auto start_of = [&](int64_t bh) -> int64_t { return kv_start ? kv_start[bh / Hk] : 0; };
 
-  // Pre-scaled fp32 queries, rows r = g*A + a, zero rows up to Mpad.
-  std::vector<float> qs(static_cast<size_t>(BH * Mpad * D), 0.f);
+  // Pre-scaled fp32 queries [BH, M, D], rows r = g*A + a.
+  std::vector<float> qs(static_cast<size_t>(BH * M * D));
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hk, hk = bh % Hk;
       for (int64_t r = 0; r < M; ++r) {
         const int64_t g = r / A, a = r % A;
         const T* src = qp + b * qsb + a * qsa + (hk * G + g) * qsh;
-        float* dst = qs.data() + (bh * Mpad + r) * D;
+        float* dst = qs.data() + (bh * M + r) * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale_log2;
       }
     }
   });
 
-  // Pass 1: partial (max, sum) per (bh, chunk, row), then merged per row.
-  const int64_t nch1 = std::max<int64_t>(1, ceil_div(N, kChunk1));
+  const int64_t hpi = heads_per_item(BH, G, A, N), Mi = hpi * A, items_per_bh = G / hpi;
+  const int64_t nblk_max = ceil_div(N, kKB);
+  const int64_t cstride = R + kKB;  // column-mass row per head: the last block may overhang R
   const float ninf = -std::numeric_limits<float>::infinity();
-  std::vector<float> pm(static_cast<size_t>(BH * nch1 * M), ninf);
-  std::vector<float> pl(static_cast<size_t>(BH * nch1 * M), 0.f);
-  at::parallel_for(0, BH * nch1, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(static_cast<size_t>(D * kKB));
-    float tile[kRT * kKB];
+  std::vector<float> sigma(static_cast<size_t>(BH * G * nw));  // [B, H, nw] per query head
+  at::parallel_for(0, BH * items_per_bh, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread scratch: the item's logits / P tiles [block][Mi][kKB] (uninitialised: the
+    // GEMM and exp_row write every column the column pass reads), one fp32 key block, and
+    // the block maxima per row.
+    std::unique_ptr<float[]> tiles(new float[static_cast<size_t>(Mi * nblk_max * kKB)]);
+    std::vector<float> kbuf(static_cast<size_t>(kKB * D));
+    std::vector<float> bmax(static_cast<size_t>(Mi * nblk_max)), m(Mi), l(Mi);
+    std::vector<float> col(static_cast<size_t>(hpi * cstride));
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / nch1, ch = item % nch1;
-      const int64_t ks = start_of(bh);
-      const int64_t j_lo = ks + ch * kChunk1;
-      const int64_t j_hi = std::min(N, j_lo + kChunk1);
-      float* m = pm.data() + item * M;
-      float* l = pl.data() + item * M;
-      const float* q = qs.data() + bh * Mpad * D;
-      for (int64_t j0 = j_lo; j0 < j_hi; j0 += kKB) {
-        const int64_t n = std::min(kKB, j_hi - j0);
-        load_key_block(key_base(bh), ksn, j0, n, D, kt.data());
-        for (int64_t r0 = 0; r0 < M; r0 += kRT) {
-          // Rows whose last visible key (N - A + a) precedes the block contribute nothing.
-          bool any = false;
-          for (int64_t r = r0; r < std::min(M, r0 + kRT); ++r)
-            any |= window::query_key_end(N, A, r % A) > j0;
-          if (!any) continue;
-          logit_tile(q + r0 * D, D, kt.data(), tile);
-          for (int64_t r = r0; r < std::min(M, r0 + kRT); ++r) {
-            const int64_t lim = std::min(n, window::query_key_end(N, A, r % A) - j0);
-            if (lim > 0) row_stats_update(tile + (r - r0) * kKB, lim, m + r, l + r);
+      const int64_t bh = item / items_per_bh, g0 = (item % items_per_bh) * hpi;
+      const int64_t ks = start_of(bh), nblk = ceil_div(N - ks, kKB);
+      const at::Tensor q = at::from_blob(qs.data() + (bh * M + g0 * A) * D, {Mi, D}, at::kFloat);
+      std::fill(m.begin(), m.end(), ninf);
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t t = 0; t < nblk; ++t) {
+        const int64_t j0 = ks + t * kKB, n = std::min(kKB, N - j0);
+        float* tile = tiles.get() + t * Mi * kKB;
+        at::Tensor logits = at::from_blob(tile, {Mi, n}, {kKB, 1}, at::kFloat);
+        at::cpu::mm_out(logits, q, key_block(key_base(bh), ksn, j0, n, D, kbuf.data()).t());
+        for (int64_t r = 0; r < Mi; ++r) {
+          const int64_t lim = std::min(n, window::query_key_end(N, A, r % A) - j0);
+          float& mb = bmax[r * nblk + t];
+          if (lim <= 0) {  // the row's last key precedes the block (past the review region)
+            mb = ninf;
+            continue;
           }
+          float sum;
+          mb = exp_row(tile + r * kKB, lim, &sum);
+          const float mr = std::max(m[r], mb);  // m[r] = -inf on the first block: l stays 0
+          l[r] = l[r] * std::exp2(m[r] - mr) + sum * std::exp2(mb - mr);
+          m[r] = mr;
         }
       }
-    }
-  });
-  std::vector<float> row_m(static_cast<size_t>(BH * M)), row_inv_l(static_cast<size_t>(BH * M));
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      for (int64_t r = 0; r < M; ++r) {
-        float mx = ninf;
-        for (int64_t ch = 0; ch < nch1; ++ch) mx = std::max(mx, pm[(bh * nch1 + ch) * M + r]);
-        float sum = 0.f;
-        for (int64_t ch = 0; ch < nch1; ++ch) {
-          const float mc = pm[(bh * nch1 + ch) * M + r];
-          if (mc != ninf) sum += pl[(bh * nch1 + ch) * M + r] * std::exp2(mc - mx);
-        }
-        row_m[bh * M + r] = mx;
-        row_inv_l[bh * M + r] = 1.f / sum;
-      }
-    }
-  });
-
-  // Pass 2: column mass of whole windows, reduced straight into window scores.
-  const int64_t wpc = std::max<int64_t>(1, kChunk2 / window);  // windows per work item
-  const int64_t nch2 = ceil_div(nw, wpc);
-  const int64_t cpad = round_up(wpc * window, kKB);  // column-mass row length per head
-  at::parallel_for(0, BH * nch2, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(static_cast<size_t>(D * kKB));
-    std::vector<float> col(static_cast<size_t>(G * cpad));
-    float tile[kRT * kKB];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / nch2, ch = item % nch2;
-      const int64_t ks = start_of(bh);
-      const int64_t m0 = ch * wpc, m1 = std::min(nw, m0 + wpc);
-      const int64_t c_lo = m0 * window, c_hi = m1 * window;  // token range of this item
-      const float* q = qs.data() + bh * Mpad * D;
-      const float* rm = row_m.data() + bh * M;
-      const float* ril = row_inv_l.data() + bh * M;
+      // Column mass of the review region; keys before kv_start keep mass 0. Blocks starting
+      // before R start before N - A, so every row has a visible key there (mb finite).
       std::fill(col.begin(), col.end(), 0.f);
-      for (int64_t j0 = c_lo; j0 < c_hi; j0 += kKB) {
-        const int64_t n = std::min(kKB, c_hi - j0);
-        if (j0 + n <= ks) continue;  // all masked (left padding): mass 0
-        const int64_t lo = std::max<int64_t>(0, ks - j0);
-        load_key_block(key_base(bh), ksn, j0, n, D, kt.data());
-        for (int64_t r0 = 0; r0 < M; r0 += kRT) {
-          logit_tile(q + r0 * D, D, kt.data(), tile);
-          for (int64_t r = r0; r < std::min(M, r0 + kRT); ++r) {
-            float* dst = col.data() + (r / A) * cpad + (j0 - c_lo);
-            col_mass_add(tile + (r - r0) * kKB, lo, n, rm[r], ril[r], dst);
-          }
+      for (int64_t t = 0; t < nblk && ks + t * kKB < R; ++t) {
+        for (int64_t r = 0; r < Mi; ++r) {
+          const float f = std::exp2(bmax[r * nblk + t] - m[r]) / l[r];
+          axpy_block(f, tiles.get() + (t * Mi + r) * kKB,
+                     col.data() + (r / A) * cstride + ks + t * kKB);
         }
       }
-      float* o = out + bh * nw;
-      for (int64_t mw = m0; mw < m1; ++mw) {
-        float acc = 0.f;
-        for (int64_t g = 0; g < G; ++g)
-          acc += window::window_reduce(col.data() + g * cpad + (mw - m0) * window, window,
-                                       s.reduce_max);
-        o[mw] = acc / static_cast<float>(G);
+      for (int64_t gl = 0; gl < hpi; ++gl) {
+        reduce_windows(col.data() + gl * cstride, nw, window, s.reduce_max,
+                       sigma.data() + (bh * G + g0 + gl) * nw);
       }
     }
   });
+  // Mean over the G query heads of each KV head, summed in head order.
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    for (int64_t mw = 0; mw < nw; ++mw) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < G; ++g) acc += sigma[(bh * G + g) * nw + mw];
+      out[bh * nw + mw] = acc / static_cast<float>(G);
+    }
+  }
 }
 
 // TORCH_CHECK with the "tasksieve.<op>: " prefix every message of the library carries.
@@ -365,7 +381,7 @@ at::Tensor window_scores_cpu(const at::Tensor& q_obs, const at::Tensor& k, int64
 
   ScoreShape s;
   s.B = B, s.A = A, s.H = H, s.D = D, s.N = N, s.Hk = Hk, s.G = H / Hk;
-  s.M = s.G * A, s.Mpad = round_up<int64_t>(s.M, kRT), s.nw = nw, s.window = window;
+  s.M = s.G * A, s.nw = nw, s.window = window;
   s.reduce_max = red == "max";
   const double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
   const float scale_log2 = static_cast<float>(sc * 1.4426950408889634);  // * log2(e)

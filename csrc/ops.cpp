@@ -34,4 +34,58 @@ TORCH_LIBRARY(tasksieve, m) {
   // Same, in place: compacts into the first keep*window + tail positions of each tensor (for a
   // preallocated cache); the caller narrows. Needs idx ascending and distinct per row.
   m.def("gather_windows_(Tensor(a!)[] kv, Tensor idx, int window, int tail) -> ()");
+
+  // ---- FlexPrefill --------------------------------------------------------------------------
+  // Layout [B, N, H, D] (flash-attn); queries are the LAST Nq of Nk positions (chunked prefill).
+  // q [B, Nq, H, D], k/v [B, Nk, Hk, D] (H % Hk == 0, GQA native), Nq <= Nk; query i sits at
+  // position Nk - Nq + i. Query block r = queries [r*bs, (r+1)*bs) attends to the key blocks
+  // block_idx[b, h, r, :block_cnt[b, h, r]] (int32 [B, H, nbq, max_k] ascending, [B, H, nbq]);
+  // causal masks keys past the query's position (only on blocks straddling the diagonal).
+  // fp32 online softmax; scale default 1/sqrt(D). -> out [B, Nq, H, D] (q's dtype),
+  // lse fp32 [B, H, Nq] natural log (-inf and out 0 for a row with no visible key).
+  m.def("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor block_idx, "
+        "Tensor block_cnt, int block_size, float? scale=None, bool causal=True) -> "
+        "(Tensor, Tensor)");
+  // p, q [..., n] float (same shape; math fp32): Jensen-Shannon distance per row. Each row is
+  // normalised to sum 1 (a row summing to 0 - fully masked - is uniform), clamped to >= eps and
+  // renormalised (no 0 * log 0); D = sqrt(max(0, 1/2 sum p log(p/m) + 1/2 sum q log(q/m))),
+  // m = (p + q)/2, natural log, range [0, sqrt(ln 2)]. -> fp32 [...]
+  m.def("js_divergence(Tensor p, Tensor q, float eps=1e-12) -> Tensor");
+  // FlexPrefill pattern estimation, fused. q [B, Nq, H, D], k [B, Nk, Hk, D] (last dim
+  // contiguous), bs = block_size, nb = ceil(Nk / bs), scale default 1/sqrt(D). Representative
+  // queries: the last m = min(bs, Nq); rep query r sits at position p_r = Nk - m + r.
+  //   A[r, j] = fp32 causal softmax over keys j <= p_r of scale * q_r . k_j (per query head).
+  //   vertical[b, h, c] = (1/m) sum_r sum_{j in key block c} A[r, j]                 (sums to 1)
+  //   slash[b, h, t]    = (1/m) sum_r sum_{j : (p_r - j) // bs == t} A[r, j]         (sums to 1)
+  //       t = diagonal offset block, t = 0 the main block diagonal (offset-first; the official
+  //       code stores it reversed, index nb - 1 = main diagonal).
+  //   estimate[b, h, c] = softmax_c(scale * qbar . kbar_c), qbar = mean of the m rep queries,
+  //       kbar_c = mean of the real keys of block c (per KV head); no causal mask.
+  // The [m, Nk] probabilities never reach device memory on CUDA (two passes). Nq = 0 gives
+  // zeros; Nk = 0 empty outputs. CUDA: block_size in {16, 32, 64, 128}.
+  // -> (vertical, slash, estimate) fp32 [B, H, nb] each
+  m.def("flex_estimate(Tensor q, Tensor k, int block_size, float? scale=None) -> "
+        "(Tensor, Tensor, Tensor)");
+  // FlexPrefill block selection, on the device, no host sync. q_len = Nq <= kv_len = Nk (queries
+  // are the last Nq positions), bs = block_size, nb = ceil(Nk / bs) key blocks, nbq = ceil(Nq /
+  // bs) query blocks; query block r = queries [r*bs, min((r+1)*bs, Nq)); its diagonal block
+  // d(r) = (Nk - Nq + min((r+1)*bs, Nq) - 1) // bs (block of its last query); row r may only
+  // list causal blocks c <= d(r). vertical, slash fp32 [B, H, nb] (from flex_estimate: slash[t]
+  // = offset block t, 0 = main diagonal); qa_map fp32 [B, H, nbq, nb] (pooled block attention
+  // map of the query-aware heads, entries c > d(r) ignored); is_query_aware bool [B, H].
+  // Entries are masses >= 0 (NaN and -0 count as 0). Ranking of a line: value desc, ties to
+  // the lower (flat) index. n(x, gamma) = the fewest top entries whose prefix sum (float64, in
+  // rank order) reaches gamma * (sum of all of x); gamma in (0, 1], 0 <= min_blocks <=
+  // max_blocks (budgets in blocks, never converted by //128).
+  //   vertical-slash head: nv = min(clamp(n(vertical), min_blocks, max_blocks), nb), ns = same
+  //     for slash; V = top-nv columns, S = top-ns offsets.
+  //   query-aware head: V, S = top-min(min_blocks, nb) columns / offsets (skeleton), plus Q =
+  //     top-n(causal entries of qa_map[b, h] flattened r*nb + c, gamma) entries (global
+  //     across rows, as the paper).
+  //   row r = {c <= d(r) : c == 0 or c == d(r) or c in V or d(r) - c in S or (r, c) in Q}.
+  // -> block_idx int32 [B, H, nbq, nb] (row r ascending in its first block_cnt entries, 0 past
+  //    them), block_cnt int32 [B, H, nbq]: the block_sparse_attention index format.
+  m.def("select_blocks(Tensor vertical, Tensor slash, Tensor qa_map, Tensor is_query_aware, "
+        "int q_len, int kv_len, int block_size, float gamma, int min_blocks, int max_blocks) "
+        "-> (Tensor, Tensor)");
 }

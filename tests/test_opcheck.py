@@ -58,11 +58,76 @@ def _gather_samples(device, inplace):
             (([kv[0]], idx.flip(-1), w, 0), {})]
 
 
+def _block_sparse_attention_samples(device):
+    g = _gen(4)
+    out = []
+    dtypes = [torch.float32, torch.bfloat16] if device == "cpu" else [torch.bfloat16,
+                                                                       torch.float16]
+    for (B, Nq, Nk, H, Hk, D, bs), dtype in zip([(1, 20, 37, 4, 2, 64, 16),
+                                                 (2, 33, 33, 2, 1, 64, 32)], dtypes):
+        q = torch.randn(B, Nq, H, D, generator=g).to(dtype=dtype, device=device)
+        k = torch.randn(B, Hk, Nk, D, generator=g).to(dtype=dtype, device=device).transpose(1, 2)
+        v = torch.randn(B, Nk, Hk, D, generator=g).to(dtype=dtype, device=device)
+        nbq, nbk = -(-Nq // bs), -(-Nk // bs)
+        idx = torch.arange(nbk, dtype=torch.int32).expand(B, H, nbq, nbk).contiguous()
+        cnt = torch.randint(0, nbk + 1, (B, H, nbq), generator=g, dtype=torch.int32)
+        out.append(((q, k, v, idx.to(device), cnt.to(device), bs), {}))
+        out.append(((q, k, v, idx.to(device), cnt.to(device), bs), {"scale": 0.1,
+                                                                      "causal": False}))
+    return out
+
+
+def _js_divergence_samples(device):
+    g = _gen(4)
+    p = torch.rand(3, 2, 9, generator=g)
+    p[0, 0] = 0.0  # an all-zero row (uniform)
+    q = torch.rand(3, 2, 9, generator=g)
+    return [((p.to(device), q.to(device)), {}),
+            ((p.to(device).bfloat16(), q.to(device).bfloat16(), 1e-6), {}),
+            ((p[:0].to(device), q[:0].to(device)), {})]
+
+
+def _flex_estimate_samples(device):
+    g = _gen(5)
+    out = []
+    for (B, Nq, Nk, H, Hk, D, bs, dtype) in [
+        (1, 5, 37, 4, 2, 16, 16, torch.float32),
+        (2, 20, 40, 6, 2, 16, 16, torch.bfloat16),
+        (1, 0, 20, 2, 1, 16, 16, torch.float16),  # Nq = 0: zeros
+    ]:
+        q = torch.randn(B, Nq, H, D, generator=g).to(dtype=dtype, device=device)
+        k = torch.randn(B, Hk, Nk, D, generator=g).to(dtype=dtype, device=device).transpose(1, 2)
+        out.append(((q, k, bs), {}))
+        out.append(((q, k, bs), {"scale": 0.3}))
+    return out
+
+
+def _select_blocks_samples(device):
+    g = _gen(6)
+    out = []
+    for (B, H, Nq, Nk, bs, gamma, mn, mx) in [
+        (1, 3, 37, 37, 8, 0.9, 1, 3),
+        (2, 2, 10, 50, 8, 0.5, 0, 2**31 - 1),  # Nq < Nk
+        (1, 2, 0, 20, 8, 0.9, 1, 4),            # Nq = 0: empty rows
+    ]:
+        nb, nbq = -(-Nk // bs), -(-Nq // bs)
+        v = torch.rand(B, H, nb, generator=g).to(device)
+        s = torch.rand(B, H, nb, generator=g).to(device)
+        m = torch.rand(B, H, nbq, nb, generator=g).to(device)
+        qa = (torch.arange(B * H).view(B, H) % 2 == 0).to(device)
+        out.append(((v, s, m, qa, Nq, Nk, bs, gamma, mn, mx), {}))
+    return out
+
+
 SAMPLES = {
+    "block_sparse_attention": _block_sparse_attention_samples,
     "window_scores": _window_scores_samples,
     "select_windows": _select_windows_samples,
     "gather_windows": lambda device: _gather_samples(device, inplace=False),
     "gather_windows_": lambda device: _gather_samples(device, inplace=True),
+    "js_divergence": _js_divergence_samples,
+    "flex_estimate": _flex_estimate_samples,
+    "select_blocks": _select_blocks_samples,
 }
 
 

@@ -52,6 +52,8 @@ DEFAULT_OUT = BENCH_DIR / "results"
 # Benchmark families: name -> file under bench/. A new family (flexprefill, moe) adds one line.
 FAMILIES = {
     "kv_window": "bench_kv_window.py",
+    "flexprefill": "bench_flexprefill.py",
+    "flex_estimate": "bench_flex_estimate.py",
 }
 
 # Columns of every row, in CSV order. Times are milliseconds.

@@ -1,0 +1,362 @@
+// CPU implementation of block_sparse_attention (schema in csrc/ops.cpp, reference
+// reference_block_sparse_attention in python/tasksieve/reference.py):
+//
+//   q [B, Nq, H, D], k/v [B, Nk, Hk, D] (fp32/fp16/bf16), block_idx int32 [B, H, nbq, max_k],
+//   block_cnt int32 [B, H, nbq]  ->  out [B, Nq, H, D] (q's dtype), lse fp32 [B, H, Nq]
+//
+// Work item = (b, h, query block r), spread over at::parallel_for. Per item the pre-scaled fp32
+// query tile Q [m, D] (scale * log2 e folded in, so softmax uses exp2) visits the listed key
+// blocks in order; per block:
+//   1. S = Q K_c^T by one BLAS GEMM (MKL sgemm called directly and held single-threaded inside
+//      parallel_for where torch has MKL; at::cpu::mm_out otherwise);
+//   2. causal mask only if the block straddles the diagonal (block::tile_visibility); blocks
+//      above it are skipped; online softmax per row (running max m, sum l), P = 2^(S - m);
+//   3. O = O * 2^(m_old - m_new) + P V_c (rows rescaled, then a GEMM accumulating into O).
+// fp16/bf16 inputs are converted to fp32 once up front (math in fp32). K/V rows are read in
+// place through their strides (fp32), never repeated per query head (GQA: h -> h / G).
+#include <ATen/Config.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "tasksieve/block_index.h"
+
+// With MKL (x86 torch wheels) the per-block GEMMs call its BLAS directly: at::cpu::mm_out costs
+// a dispatch, checks and a thread decision per 128x128 tile. MKL is told to stay single-threaded
+// inside our parallel_for. Elsewhere the ATen op is used.
+#if AT_MKL_ENABLED() && defined(__linux__)
+#define TS_BSA_DIRECT_BLAS 1
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+int MKL_Set_Num_Threads_Local(int nt);  // the C entry (lower case is Fortran)
+}
+#else
+#define TS_BSA_DIRECT_BLAS 0
+#endif
+
+namespace tasksieve {
+namespace {
+
+// Row-major C[m, n] = alpha * A[m, k] B^T (tb) or A B (!tb) + beta * C; A rows lda apart, B rows
+// ldb apart ([n, k] when tb, [k, n] otherwise), C rows ldc apart. All unit stride in the row.
+void gemm_rm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+#if TS_BSA_DIRECT_BLAS
+  // Column-major view: C^T [n, m] = op(X) Y with X = B read column-major (B^T, so op 'T' when
+  // tb, 'N' otherwise) and Y = A read column-major (A^T, op 'N').
+  const char ta = tb ? 'T' : 'N', tn = 'N';
+  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+  const int lb = static_cast<int>(ldb), la = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const float one = 1.f;
+  sgemm_(&ta, &tn, &mi, &ni, &ki, &one, b, &lb, a, &la, &beta, c, &lc);
+#else
+  at::Tensor cm = at::from_blob(c, {m, n}, {ldc, 1}, at::kFloat);
+  const at::Tensor am = at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, at::kFloat);
+  const at::Tensor bm = tb ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, at::kFloat).t()
+                           : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, at::kFloat);
+  if (beta == 0.f) {
+    at::cpu::mm_out(cm, am, bm);
+  } else {
+    at::Tensor tmp = at::mm(am, bm);
+    cm.add_(tmp);
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIMD exp2 (same scheme as csrc/cpu/kv_window.cpp): GCC vector extensions, target_clones picks
+// AVX-512/AVX2 once per process.
+// ---------------------------------------------------------------------------------------------
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if __GNUC__ >= 12
+#define TS_BSA_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TS_BSA_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#else
+#define TS_BSA_CLONES
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+#define TS_BSA_INLINE inline __attribute__((always_inline))
+#define bsa_splat8(x) (static_cast<float>(x) - vf8{})
+
+TS_BSA_INLINE vf8 bsa_load8(const float* p) {
+  vf8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+TS_BSA_INLINE void bsa_store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// 2^x for x <= 0, ~2 ulp; x <= -127 (and -inf) gives 0.
+TS_BSA_INLINE vf8 bsa_exp2_neg(vf8 x) {
+  const vf8 lo = bsa_splat8(-127.f);
+  x = x < lo ? lo : x;
+  const vf8 magic = bsa_splat8(12582912.f);
+  const vf8 n = (x + magic) - magic;
+  const vf8 f = x - n;
+  vf8 p = bsa_splat8(1.5252733804059840e-05f);
+  p = p * f + bsa_splat8(1.5403530393381606e-04f);
+  p = p * f + bsa_splat8(1.3333558146428443e-03f);
+  p = p * f + bsa_splat8(9.6181291076284772e-03f);
+  p = p * f + bsa_splat8(5.5504108664821580e-02f);
+  p = p * f + bsa_splat8(2.4022650695910071e-01f);
+  p = p * f + bsa_splat8(6.9314718055994531e-01f);
+  p = p * f + bsa_splat8(1.0f);
+  const vi8 e = (__builtin_convertvector(n, vi8) + 127) << 23;
+  return p * (vf8)e;
+}
+
+// Row of S with `ld` floats (ld % 8 == 0), the first `lim` visible (the rest up to ld set to
+// -inf first). Returns the row max mb; rewrites the row as 2^(S - m_new) with
+// m_new = max(m_old, mb) and returns its sum in *sum (0 when m_new is -inf).
+TS_BSA_CLONES
+float softmax_row(float* row, int64_t lim, int64_t ld, float m_old, float* m_new, float* sum) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t c = lim; c < ld; ++c) row[c] = ninf;
+  vf8 mx = bsa_splat8(ninf);
+  for (int64_t c = 0; c < ld; c += 8) {
+    const vf8 v = bsa_load8(row + c);
+    mx = v > mx ? v : mx;
+  }
+  float mb = ninf;
+  for (int i = 0; i < 8; ++i) mb = mx[i] > mb ? mx[i] : mb;
+  const float mn = std::max(m_old, mb);
+  *m_new = mn;
+  if (mn == ninf) {  // nothing visible so far: P = 0
+    std::memset(row, 0, sizeof(float) * ld);
+    *sum = 0.f;
+    return mb;
+  }
+  const vf8 mv = bsa_splat8(mn);
+  vf8 acc = bsa_splat8(0.f);
+  for (int64_t c = 0; c < ld; c += 8) {
+    const vf8 p = bsa_exp2_neg(bsa_load8(row + c) - mv);
+    bsa_store8(row + c, p);
+    acc += p;
+  }
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += acc[i];
+  *sum = s;
+  return mb;
+}
+
+// o[d] *= alpha, d < D.
+TS_BSA_CLONES
+void scale_row(float* o, float alpha, int64_t D) {
+  if (alpha == 1.f) return;
+  int64_t d = 0;
+  const vf8 av = bsa_splat8(alpha);
+  for (; d + 8 <= D; d += 8) bsa_store8(o + d, bsa_load8(o + d) * av);
+  for (; d < D; ++d) o[d] *= alpha;
+}
+
+#define TS_CHECK(cond, ...) \
+  TORCH_CHECK(cond, "tasksieve.block_sparse_attention: ", __VA_ARGS__)
+
+constexpr int64_t kMaxHeadDimCpu = 256;
+
+struct Args {
+  int64_t B, Nq, Nk, H, Hk, D, G, bs, nbq, nbk, max_k;
+};
+
+Args check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& block_idx, const at::Tensor& block_cnt, int64_t block_size) {
+  TS_CHECK(q.dim() == 4, "q must be a 4-D tensor [B, Nq, H, D], got shape ", q.sizes());
+  TS_CHECK(k.dim() == 4, "k must be a 4-D tensor [B, Nk, Hk, D], got shape ", k.sizes());
+  TS_CHECK(v.dim() == 4, "v must be a 4-D tensor [B, Nk, Hk, D], got shape ", v.sizes());
+  TS_CHECK(q.device().is_cpu(), "q must be a CPU tensor here, got ", q.device());
+  for (const auto* t : {&k, &v, &block_idx, &block_cnt}) {
+    const char* name = t == &k ? "k" : t == &v ? "v" : t == &block_idx ? "block_idx" : "block_cnt";
+    TS_CHECK(t->device() == q.device(), name, " must be on the device of q (", q.device(),
+             "), got ", t->device());
+  }
+  const auto dt = q.scalar_type();
+  TS_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+           "q must be float32, float16 or bfloat16, got ", dt);
+  TS_CHECK(k.scalar_type() == dt, "k must have the dtype of q (", dt, "), got ", k.scalar_type());
+  TS_CHECK(v.scalar_type() == dt, "v must have the dtype of q (", dt, "), got ", v.scalar_type());
+  Args a{};
+  a.B = q.size(0);
+  a.Nq = q.size(1);
+  a.H = q.size(2);
+  a.D = q.size(3);
+  a.Nk = k.size(1);
+  a.Hk = k.size(2);
+  TS_CHECK(k.size(0) == a.B, "k must have the batch size of q (", a.B, "), got ", k.size(0));
+  TS_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  TS_CHECK(a.D >= 1 && a.D <= kMaxHeadDimCpu, "q head dim D must be in [1, 256], got ", a.D);
+  TS_CHECK(k.size(3) == a.D, "k head dim must equal q head dim (", a.D, "), got ", k.size(3));
+  TS_CHECK(a.Hk >= 1 && a.H % a.Hk == 0, "k heads Hk must be >= 1 and divide the q heads H=",
+           a.H, ", got Hk=", a.Hk);
+  TS_CHECK(a.Nq <= a.Nk, "q length Nq must be <= the k length Nk=", a.Nk, ", got Nq=", a.Nq);
+  TS_CHECK(q.stride(3) == 1 || a.D == 1, "q must have a contiguous last dim, got strides ",
+           q.strides());
+  TS_CHECK(k.stride(3) == 1 || a.D == 1, "k must have a contiguous last dim, got strides ",
+           k.strides());
+  TS_CHECK(v.stride(3) == 1 || a.D == 1, "v must have a contiguous last dim, got strides ",
+           v.strides());
+  TS_CHECK(block_size == 16 || block_size == 32 || block_size == 64 || block_size == 128,
+           "block_size must be 16, 32, 64 or 128, got ", block_size);
+  a.G = a.H / a.Hk;
+  a.bs = block_size;
+  a.nbq = block::num_blocks(a.Nq, a.bs);
+  a.nbk = block::num_blocks(a.Nk, a.bs);
+  TS_CHECK(block_idx.scalar_type() == at::kInt, "block_idx must be int32, got ",
+           block_idx.scalar_type());
+  TS_CHECK(block_cnt.scalar_type() == at::kInt, "block_cnt must be int32, got ",
+           block_cnt.scalar_type());
+  TS_CHECK(block_idx.dim() == 4 && block_idx.size(0) == a.B && block_idx.size(1) == a.H &&
+               block_idx.size(2) == a.nbq,
+           "block_idx must have shape [B, H, nbq, max_k] = [", a.B, ", ", a.H, ", ", a.nbq,
+           ", max_k] (nbq = ceil(Nq / block_size)), got ", block_idx.sizes());
+  TS_CHECK(block_cnt.dim() == 3 && block_cnt.size(0) == a.B && block_cnt.size(1) == a.H &&
+               block_cnt.size(2) == a.nbq,
+           "block_cnt must have shape [B, H, nbq] = [", a.B, ", ", a.H, ", ", a.nbq, "], got ",
+           block_cnt.sizes());
+  a.max_k = block_idx.size(3);
+  return a;
+}
+
+template <typename T>
+void store_row(T* dst, const float* src, float inv, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * inv);
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& block_idx_in, const at::Tensor& block_cnt_in, int64_t block_size,
+    std::optional<double> scale_opt, bool causal) {
+  const Args a = check_args(q_in, k_in, v_in, block_idx_in, block_cnt_in, block_size);
+  const at::Tensor block_idx = block_idx_in.contiguous();
+  const at::Tensor block_cnt = block_cnt_in.contiguous();
+  const int32_t* idx = block_idx.const_data_ptr<int32_t>();
+  const int32_t* cnt = block_cnt.const_data_ptr<int32_t>();
+  const int64_t rows = a.B * a.H * a.nbq;
+  for (int64_t t = 0; t < rows; ++t) {
+    const int64_t n = cnt[t];
+    TS_CHECK(n >= 0 && n <= a.max_k, "block_cnt values must be in [0, max_k=", a.max_k,
+             "], got ", n, " at flat index ", t);
+    for (int64_t e = 0; e < n; ++e) {
+      const int64_t c = idx[t * a.max_k + e];
+      TS_CHECK(block::block_column_valid(c, a.nbk), "block_idx values must be in [0, nbk=",
+               a.nbk, ") (nbk = ceil(Nk / block_size)), got ", c, " at row ", t, " entry ", e);
+    }
+  }
+  const double scale = scale_opt.has_value() ? *scale_opt : 1.0 / std::sqrt(double(a.D));
+  TS_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+
+  at::Tensor out = at::empty({a.B, a.Nq, a.H, a.D}, q_in.options());
+  at::Tensor lse = at::empty({a.B, a.H, a.Nq}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  if (a.Nq == 0 || a.B == 0 || a.H == 0) return {out, lse};
+
+  // fp32 views (a conversion once for fp16/bf16; a no-op for fp32).
+  const at::Tensor q = q_in.to(at::kFloat), k = k_in.to(at::kFloat), v = v_in.to(at::kFloat);
+  const float* qp = q.const_data_ptr<float>();
+  const float* kp = k.const_data_ptr<float>();
+  const float* vp = v.const_data_ptr<float>();
+  const int64_t qsb = q.stride(0), qsn = q.stride(1), qsh = q.stride(2);
+  const int64_t ksb = k.stride(0), ksn = k.stride(1), ksh = k.stride(2);
+  const int64_t vsb = v.stride(0), vsn = v.stride(1), vsh = v.stride(2);
+  const int64_t B = a.B, H = a.H, D = a.D, Nq = a.Nq, Nk = a.Nk, bs = a.bs, nbq = a.nbq;
+  const int64_t G = a.G, max_k = a.max_k;
+  const float qscale = static_cast<float>(scale * M_LOG2E);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const auto out_dt = out.scalar_type();
+  float* lp = lse.data_ptr<float>();
+  void* op = out.data_ptr();
+  const int64_t osb = out.stride(0), osn = out.stride(1), osh = out.stride(2);
+  const int64_t ld = round_up(bs, int64_t{8});
+
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+#if TS_BSA_DIRECT_BLAS
+    const int prev_threads = MKL_Set_Num_Threads_Local(1);
+#endif
+    std::vector<float> qt(bs * D), st(bs * ld), o(bs * D), m(bs), l(bs), alpha(bs);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item % nbq, bh = item / nbq, h = bh % H, b = bh / H, hk = h / G;
+      const int64_t q0 = block::block_begin(r, bs), q1 = block::block_end(r, bs, Nq);
+      const int64_t mq = q1 - q0;
+      for (int64_t i = 0; i < mq; ++i) {
+        const float* src = qp + b * qsb + (q0 + i) * qsn + h * qsh;
+        for (int64_t d = 0; d < D; ++d) qt[i * D + d] = src[d] * qscale;
+      }
+      std::fill(o.begin(), o.begin() + mq * D, 0.f);
+      std::fill(m.begin(), m.end(), ninf);
+      std::fill(l.begin(), l.end(), 0.f);
+      const float* kb = kp + b * ksb + hk * ksh;
+      const float* vb = vp + b * vsb + hk * vsh;
+      const int64_t n = cnt[item];
+      for (int64_t e = 0; e < n; ++e) {
+        const int64_t c = idx[item * max_k + e];
+        const int64_t k0 = block::block_begin(c, bs), k1 = block::block_end(c, bs, Nk);
+        const int64_t nk = k1 - k0;
+        const auto vis = block::tile_visibility(q0, q1, k0, k1, Nq, Nk, causal);
+        if (vis == block::kSkip) continue;
+        gemm_rm(true, mq, nk, D, qt.data(), D, kb + k0 * ksn, ksn, 0.f, st.data(), ld);
+        for (int64_t i = 0; i < mq; ++i) {
+          int64_t lim = nk;
+          if (vis == block::kPartial)
+            lim = std::clamp(block::query_key_end(q0 + i, Nq, Nk, true) - k0, int64_t{0}, nk);
+          float mn, sum;
+          softmax_row(st.data() + i * ld, lim, ld, m[i], &mn, &sum);
+          const float alpha_i = m[i] == ninf ? 0.f : std::exp2(m[i] - mn);
+          l[i] = l[i] * alpha_i + sum;
+          m[i] = mn;
+          alpha[i] = alpha_i;
+        }
+        for (int64_t i = 0; i < mq; ++i) scale_row(o.data() + i * D, alpha[i], D);
+        gemm_rm(false, mq, D, nk, st.data(), ld, vb + k0 * vsn, vsn, 1.f, o.data(), D);
+      }
+      for (int64_t i = 0; i < mq; ++i) {
+        const int64_t qi = q0 + i;
+        const bool any = l[i] > 0.f;
+        lp[(b * H + h) * Nq + qi] = any ? static_cast<float>((m[i] + std::log2(l[i])) * M_LN2)
+                                        : ninf;
+        const float inv = any ? 1.f / l[i] : 0.f;
+        const int64_t off = b * osb + qi * osn + h * osh;
+        if (out_dt == at::kFloat) {
+          store_row(static_cast<float*>(op) + off, o.data() + i * D, inv, D);
+        } else if (out_dt == at::kHalf) {
+          store_row(static_cast<at::Half*>(op) + off, o.data() + i * D, inv, D);
+        } else {
+          store_row(static_cast<at::BFloat16*>(op) + off, o.data() + i * D, inv, D);
+        }
+      }
+    }
+#if TS_BSA_DIRECT_BLAS
+    MKL_Set_Num_Threads_Local(prev_threads);
+#endif
+  });
+  return {out, lse};
+}
+
+#undef TS_CHECK
+
+}  // namespace
+}  // namespace tasksieve
+
+TORCH_LIBRARY_IMPL(tasksieve, CPU, m) {
+  m.impl("block_sparse_attention", &tasksieve::block_sparse_attention_cpu);
+}

@@ -1,0 +1,319 @@
+// Block-sparse flash attention (torch-free): FlexPrefill's sparse prefill kernel.
+//
+//   BlockSparseAttention<T>(q, k, v, block_idx, block_cnt, out, lse, B, Nq, Nk, H, Hk, D,
+//                           max_k, block_size, strides..., scale, causal, stream) -> cudaError_t
+//
+// T = __half or __nv_bfloat16; D in {64, 128}; block_size in {16, 32, 64, 128}.
+// q [B, Nq, H, D], k/v [B, Nk, Hk, D] with element strides (last dim contiguous); out
+// [B, Nq, H, D] contiguous; lse fp32 [B, H, Nq] contiguous; block_idx int32 [B, H, nbq, max_k]
+// and block_cnt int32 [B, H, nbq] contiguous.
+//
+// Math (block::* helpers in block_index.h): query block r attends to the keys of the key blocks
+// block_idx[b, h, r, e], e < block_cnt[b, h, r] (count clamped to [0, max_k]); with causal,
+// key j is visible to query i iff j < block::query_key_end(i). out = softmax(scale q k^T) v in
+// fp32, lse = natural-log log-sum-exp of the visited logits; no visible key: out 0, lse -inf.
+// An out-of-range column (c < 0 or c >= nbk) is skipped: never an out-of-bounds access (the
+// device cannot raise without a host sync; the CPU op raises instead).
+//
+// Kernel: one CTA of 4 warps per (b, h, query block r, 64-row chunk of the block). The Q chunk
+// [64, D] sits in shared memory; the listed key blocks are walked in 64-key sub-tiles:
+//   K sub-tile -> smem; S = Q K^T with WMMA m16n16k16 (fp32 accumulate), each warp 16 rows;
+//   online softmax in fp32 (exp2, scale * log2 e folded in), per-element causal mask only when
+//   the (chunk, sub-tile) pair straddles the diagonal (block::tile_visibility), tiles above the
+//   diagonal skipped; P -> T in smem; O (fp32, smem) rescaled by 2^(m_old - m_new);
+//   V sub-tile -> smem (reusing K's buffer); O += P V with WMMA.
+// GQA: query head h reads KV head h / (H / Hk); K/V are never repeated. Shared memory:
+// ~62 KB (D 64) / ~94 KB (D 128), opted in with cudaFuncAttributeMaxDynamicSharedMemorySize.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+
+#include "tasksieve/block_index.h"
+#include "tasksieve/common.h"
+
+namespace tasksieve {
+
+namespace bsa_detail {
+
+constexpr int kBM = 64;       // query rows per CTA
+constexpr int kBN = 64;       // keys per sub-tile
+constexpr int kWarps = 4;     // 16 query rows each
+constexpr int kThreads = kWarps * 32;
+constexpr int kPadH = 8;      // smem row padding in elements of T (keeps WMMA 32-byte alignment)
+constexpr int kPadF = 4;      // smem row padding in floats
+constexpr int kLdS = kBN + kPadF;
+constexpr int kLdP = kBN + kPadH;
+
+template <int D>
+struct Smem {
+  static constexpr int kLdQ = D + kPadH;
+  static constexpr int kLdO = D + kPadF;
+  static constexpr size_t kQ = size_t(kBM) * kLdQ * 2;   // T = 2 bytes
+  static constexpr size_t kKV = size_t(kBN) * kLdQ * 2;
+  static constexpr size_t kS = size_t(kBM) * kLdS * 4;
+  static constexpr size_t kP = size_t(kBM) * kLdP * 2;
+  static constexpr size_t kO = size_t(kBM) * kLdO * 4;
+  static constexpr size_t kStats = size_t(3) * kBM * 4;
+  static constexpr size_t kBytes = kQ + kKV + kS + kP + kO + kStats;
+};
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// rows [0, nrows) of a [kRows, D] tile from global rows `src + r * stride` (D contiguous T),
+// zero-filled past nrows. 16-byte loads when `vec` (pointer and stride 8-element aligned).
+template <typename T, int D, int kRows>
+__device__ __forceinline__ void LoadTile(T* __restrict__ dst, int ld, const T* __restrict__ src,
+                                         int64_t stride, int nrows, bool vec) {
+  static_assert(sizeof(T) == 2, "16-bit types only");
+  if (vec) {
+    constexpr int kChunks = D / 8;  // uint4 = 8 elements
+    for (int e = threadIdx.x; e < kRows * kChunks; e += kThreads) {
+      const int r = e / kChunks, c = e % kChunks;
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (r < nrows) val = *reinterpret_cast<const uint4*>(src + r * stride + c * 8);
+      *reinterpret_cast<uint4*>(dst + r * ld + c * 8) = val;
+    }
+  } else {
+    for (int e = threadIdx.x; e < kRows * D; e += kThreads) {
+      const int r = e / D, c = e % D;
+      T val = from_float<T>(0.f);
+      if (r < nrows) val = src[r * stride + c];
+      dst[r * ld + c] = val;
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    BlockSparseAttentionKernel(const T* __restrict__ q, const T* __restrict__ k,
+                               const T* __restrict__ v, const int32_t* __restrict__ block_idx,
+                               const int32_t* __restrict__ block_cnt, T* __restrict__ out,
+                               float* __restrict__ lse, int64_t Nq, int64_t Nk, int64_t H,
+                               int64_t Hk, int64_t max_k, int64_t bs, int64_t chunks,
+                               int64_t qsb, int64_t qsn, int64_t qsh, int64_t ksb, int64_t ksn,
+                               int64_t ksh, int64_t vsb, int64_t vsn, int64_t vsh,
+                               float scale_log2, bool causal, bool vec_q, bool vec_kv) {
+  using namespace nvcuda;
+  using S = Smem<D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sKV = reinterpret_cast<T*>(smem_raw + S::kQ);
+  float* sS = reinterpret_cast<float*>(smem_raw + S::kQ + S::kKV);
+  T* sP = reinterpret_cast<T*>(smem_raw + S::kQ + S::kKV + S::kS);
+  float* sO = reinterpret_cast<float*>(smem_raw + S::kQ + S::kKV + S::kS + S::kP);
+  float* sM = reinterpret_cast<float*>(smem_raw + S::kQ + S::kKV + S::kS + S::kP + S::kO);
+  float* sL = sM + kBM;
+  float* sA = sL + kBM;
+
+  const int64_t nbq = block::num_blocks(Nq, bs), nbk = block::num_blocks(Nk, bs);
+  int64_t bid = blockIdx.x;
+  const int64_t chunk = bid % chunks;
+  bid /= chunks;
+  const int64_t r = bid % nbq;
+  bid /= nbq;
+  const int64_t h = bid % H, b = bid / H;
+  const int64_t hk = h / (H / Hk);
+  const int64_t qb0 = block::block_begin(r, bs), qb1 = block::block_end(r, bs, Nq);
+  const int64_t q0 = qb0 + chunk * kBM;
+  if (q0 >= qb1) return;  // uniform over the CTA (bs < 64 never has chunk > 0)
+  const int64_t q1 = ts_min(q0 + kBM, qb1);
+  const int mq = static_cast<int>(q1 - q0);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* qbase = q + b * qsb + h * qsh + q0 * qsn;
+  LoadTile<T, D, kBM>(sQ, S::kLdQ, qbase, qsn, mq, vec_q);
+  for (int e = threadIdx.x; e < kBM * D; e += kThreads) sO[(e / D) * S::kLdO + e % D] = 0.f;
+  for (int e = threadIdx.x; e < kBM; e += kThreads) {
+    sM[e] = ts_neg_inf();
+    sL[e] = 0.f;
+  }
+  __syncthreads();
+
+  const int64_t row = (b * H + h) * nbq + r;
+  const int64_t n = block::clamp_block_count(static_cast<int64_t>(block_cnt[row]), max_k);
+  const int32_t* cols = block_idx + row * max_k;
+  const T* kbase = k + b * ksb + hk * ksh;
+  const T* vbase = v + b * vsb + hk * vsh;
+
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t c = cols[e];
+    if (!block::block_column_valid(c, nbk)) continue;  // uniform: skip invalid columns
+    const int64_t kb0 = block::block_begin(c, bs), kb1 = block::block_end(c, bs, Nk);
+    for (int64_t k0 = kb0; k0 < kb1; k0 += kBN) {
+      const int64_t k1 = ts_min(k0 + kBN, kb1);
+      const auto vis = block::tile_visibility(q0, q1, k0, k1, Nq, Nk, causal);
+      if (vis == block::kSkip) continue;
+      const int nk = static_cast<int>(k1 - k0);
+      LoadTile<T, D, kBN>(sKV, S::kLdQ, kbase + k0 * ksn, ksn, nk, vec_kv);
+      __syncthreads();
+
+      // S = Q K^T: warp w -> rows [16w, 16w + 16), all kBN columns.
+      {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kBN / 16];
+#pragma unroll
+        for (int j = 0; j < kBN / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
+#pragma unroll
+        for (int kk = 0; kk < D; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::load_matrix_sync(fa, sQ + warp * 16 * S::kLdQ + kk, S::kLdQ);
+#pragma unroll
+          for (int j = 0; j < kBN / 16; ++j) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+            wmma::load_matrix_sync(fb, sKV + j * 16 * S::kLdQ + kk, S::kLdQ);
+            wmma::mma_sync(acc[j], fa, fb, acc[j]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kBN / 16; ++j)
+          wmma::store_matrix_sync(sS + warp * 16 * kLdS + j * 16, acc[j], kLdS,
+                                  wmma::mem_row_major);
+      }
+      __syncwarp();
+
+      // Online softmax on the warp's 16 rows; lane covers columns lane and lane + 32.
+      for (int rr = 0; rr < 16; ++rr) {
+        const int i = warp * 16 + rr;
+        int lim = 0;  // visible columns of this row
+        if (i < mq) {
+          lim = nk;
+          if (vis == block::kPartial) {
+            const int64_t ke = block::query_key_end(q0 + i, Nq, Nk, true) - k0;
+            lim = static_cast<int>(ts_clamp(ke, int64_t{0}, static_cast<int64_t>(nk)));
+          }
+        }
+        float s0 = lane < lim ? sS[i * kLdS + lane] * scale_log2 : ts_neg_inf();
+        float s1 = lane + 32 < lim ? sS[i * kLdS + lane + 32] * scale_log2 : ts_neg_inf();
+        float mx = fmaxf(s0, s1);
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        const float m_old = sM[i];
+        const float m_new = fmaxf(m_old, mx);
+        float p0 = 0.f, p1 = 0.f, alpha = 1.f;
+        if (m_new != ts_neg_inf()) {
+          p0 = exp2f(s0 - m_new);  // exp2f(-inf) = 0
+          p1 = exp2f(s1 - m_new);
+          alpha = exp2f(m_old - m_new);
+        }
+        float sum = p0 + p1;
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        sP[i * kLdP + lane] = from_float<T>(p0);
+        sP[i * kLdP + lane + 32] = from_float<T>(p1);
+        __syncwarp();
+        if (lane == 0) {
+          sM[i] = m_new;
+          sL[i] = sL[i] * alpha + sum;
+          sA[i] = alpha;
+        }
+        for (int d = lane; d < D; d += 32) sO[i * S::kLdO + d] *= alpha;
+        __syncwarp();
+      }
+      __syncthreads();  // every warp is done with K before V overwrites it
+
+      LoadTile<T, D, kBN>(sKV, S::kLdQ, vbase + k0 * vsn, vsn, nk, vec_kv);
+      __syncthreads();
+
+      // O[16 rows of the warp, D] += P [16, kBN] V [kBN, D].
+#pragma unroll
+      for (int j = 0; j < D / 16; ++j) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        float* o_tile = sO + warp * 16 * S::kLdO + j * 16;
+        wmma::load_matrix_sync(acc, o_tile, S::kLdO, wmma::mem_row_major);
+#pragma unroll
+        for (int kk = 0; kk < kBN; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+          wmma::load_matrix_sync(fa, sP + warp * 16 * kLdP + kk, kLdP);
+          wmma::load_matrix_sync(fb, sKV + kk * S::kLdQ + j * 16, S::kLdQ);
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(o_tile, acc, S::kLdO, wmma::mem_row_major);
+      }
+      __syncthreads();  // V and P consumed before the next sub-tile reloads them
+    }
+  }
+
+  // Epilogue: out = O / l (0 when nothing was visible), lse = ln 2 * (m + log2 l).
+  for (int e = threadIdx.x; e < mq * D; e += kThreads) {
+    const int i = e / D, d = e % D;
+    const float l = sL[i];
+    const float val = l > 0.f ? sO[i * S::kLdO + d] / l : 0.f;
+    out[((b * Nq + q0 + i) * H + h) * D + d] = from_float<T>(val);
+  }
+  for (int i = threadIdx.x; i < mq; i += kThreads) {
+    const float l = sL[i];
+    lse[(b * H + h) * Nq + q0 + i] =
+        l > 0.f ? (sM[i] + log2f(l)) * 0.6931471805599453f : ts_neg_inf();
+  }
+}
+
+}  // namespace bsa_detail
+
+template <typename T>
+cudaError_t BlockSparseAttention(const T* q, const T* k, const T* v, const int32_t* block_idx,
+                                 const int32_t* block_cnt, T* out, float* lse, int64_t B,
+                                 int64_t Nq, int64_t Nk, int64_t H, int64_t Hk, int64_t D,
+                                 int64_t max_k, int64_t block_size, int64_t qsb, int64_t qsn,
+                                 int64_t qsh, int64_t ksb, int64_t ksn, int64_t ksh, int64_t vsb,
+                                 int64_t vsn, int64_t vsh, float scale, bool causal,
+                                 cudaStream_t stream) {
+  using namespace bsa_detail;
+  if (B == 0 || H == 0 || Nq == 0) return cudaSuccess;
+  if (Hk <= 0 || H % Hk != 0 || Nq > Nk) return cudaErrorInvalidValue;
+  if (block_size != 16 && block_size != 32 && block_size != 64 && block_size != 128)
+    return cudaErrorInvalidValue;
+  const int64_t nbq = block::num_blocks(Nq, block_size);
+  const int64_t chunks = ceil_div(block_size, static_cast<int64_t>(kBM));
+  const int64_t grid = B * H * nbq * chunks;
+  if (grid > 2147483647LL) return cudaErrorInvalidConfiguration;
+  const bool vec_q = is_aligned(q, 16) && qsb % 8 == 0 && qsn % 8 == 0 && qsh % 8 == 0;
+  const bool vec_kv = is_aligned(k, 16) && is_aligned(v, 16) && ksb % 8 == 0 && ksn % 8 == 0 &&
+                      ksh % 8 == 0 && vsb % 8 == 0 && vsn % 8 == 0 && vsh % 8 == 0;
+  const float scale_log2 = scale * 1.4426950408889634f;
+  auto launch = [&](auto kernel, size_t smem) -> cudaError_t {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(
+        q, k, v, block_idx, block_cnt, out, lse, Nq, Nk, H, Hk, max_k, block_size, chunks, qsb,
+        qsn, qsh, ksb, ksn, ksh, vsb, vsn, vsh, scale_log2, causal, vec_q, vec_kv);
+    return cudaGetLastError();
+  };
+  if (D == 64) return launch(BlockSparseAttentionKernel<T, 64>, Smem<64>::kBytes);
+  if (D == 128) return launch(BlockSparseAttentionKernel<T, 128>, Smem<128>::kBytes);
+  return cudaErrorInvalidValue;
+}
+
+#ifdef TASKSIEVE_COMPILE_CHECK
+#define TASKSIEVE_INSTANTIATE_BSA(T)                                                          \
+  template cudaError_t BlockSparseAttention<T>(                                               \
+      const T*, const T*, const T*, const int32_t*, const int32_t*, T*, float*, int64_t,      \
+      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
+      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, bool, cudaStream_t);
+TASKSIEVE_INSTANTIATE_BSA(__half)
+TASKSIEVE_INSTANTIATE_BSA(__nv_bfloat16)
+#undef TASKSIEVE_INSTANTIATE_BSA
+#endif
+
+}  // namespace tasksieve

@@ -1,0 +1,507 @@
+// Fused FlexPrefill pattern estimation (torch-free).
+//
+//   FlexEstimateWorkspaceBytes(B, Nq, H, Hk, Nk, D, block_size) -> size_t
+//   FlexEstimate<T>(q, k, vertical, slash, estimate, workspace, workspace_bytes, B, Nq, H, Hk,
+//                   Nk, D, block_size, q strides, k strides, scale, stream) -> cudaError_t
+//
+// Math (the op contract in csrc/ops.cpp; index helpers in flex_index.h), per batch b and query
+// head h (G = H / Hk, hk = h / G), fp32 throughout, bs = block_size, nb = ceil(Nk / bs),
+// m = min(bs, Nq) representative queries (the last m; rep query r at position p_r = Nk - m + r):
+//   x[r, j]   = scale * q[b, Nq - m + r, h, :] . k[b, j, hk, :]        for keys j <= p_r
+//   A[r, j]   = exp(x[r, j] - m_r) / l_r       (row max m_r and sum l_r: pass 1)
+//   vertical[c] = (1/m) sum_r sum_{j in block c} A[r, j]                                (pass 2)
+//   slash[t]    = (1/m) sum_r sum_{j: (p_r - j) / bs == t} A[r, j]   t = 0: main diagonal (pass 2)
+//   estimate[c] = softmax_c(scale * qbar . kbar_c), qbar = mean_r q_rep[r], kbar_c = mean of the
+//                 real keys of block c (no causal mask)
+// Pass 1: per-chunk (max, sum) partials and an in-order combine (the tiling of WindowKV's
+// window_scores.cuh, 32 x 64 tiles, head dim staged 64 at a time through shared memory). Pass 2:
+// one CTA per (b, h, 512 keys): 32 x 64 tiles of A go through shared memory once; column sums
+// give the token mass of the CTA's keys (reduced into whole key blocks: 512 is a multiple of
+// bs), diagonal sums give the mass per offset delta = p_r - j of the CTA's delta range (at most
+// 512 + m - 1 offsets), reduced into offset blocks as per-CTA partials that a combine kernel
+// adds in CTA order. The [m, Nk] matrix never reaches global memory; no atomics, so the
+// results are deterministic.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+
+#include "tasksieve/common.h"
+#include "tasksieve/flex_index.h"
+
+namespace tasksieve {
+namespace flex_estimate_detail {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRQ = 4;                    // queries per thread in a tile
+constexpr int kRK = 2;                    // keys per thread in a tile
+constexpr int kQT = kWarps * kRQ;         // 32 queries per tile (warp w: queries w, w+8, ...)
+constexpr int kKT = 32 * kRK;             // 64 keys per tile (lane l: keys l, l+32)
+constexpr int kDK = 64;                   // head-dim elements staged per step
+constexpr int kMaxKeyTilesPerChunk = 16;  // pass-1 keys per block = up to 16 * 64
+constexpr int64_t kTargetBlocks = 264;    // ~2 blocks per SM on an H100
+constexpr int kKeysPerCta = 512;          // pass-2 keys per CTA, a multiple of every block size
+constexpr int kMinBlock = 16, kMaxBlock = 128;
+constexpr int kMaxDiag = kKeysPerCta + kMaxBlock;  // >= kKeysPerCta + m - 1 offsets
+constexpr int kTileDiags = kQT + kKT - 1;          // 95 diagonals cross a 32 x 64 tile
+constexpr size_t kAlign = 256;
+
+TS_HOST_DEVICE TS_INLINE bool SupportedBlockSize(int64_t bs) {
+  return bs >= kMinBlock && bs <= kMaxBlock && (bs & (bs - 1)) == 0;
+}
+
+// Offset blocks a CTA can touch: its deltas span <= kKeysPerCta + m - 2 <= kKeysPerCta + bs.
+TS_HOST_DEVICE TS_INLINE int64_t SlashSpan(int64_t bs) { return kKeysPerCta / bs + 3; }
+
+// Smallest delta = p_r - j of CTA cb over its keys [J0, J1) (deltas below 0 are masked).
+TS_HOST_DEVICE TS_INLINE int64_t CtaMinDelta(int64_t cb, int64_t Nk, int64_t m) {
+  const int64_t J1 = ts_min<int64_t>((cb + 1) * kKeysPerCta, Nk);
+  return ts_max<int64_t>(0, (Nk - m) - (J1 - 1));
+}
+
+template <typename T>
+__device__ __forceinline__ T BlockReduce(T v, T* red, bool is_max) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    const float o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = is_max ? fmaxf(v, o) : v + o;
+  }
+  __syncthreads();  // red reusable
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float r = red[0];
+  for (int w = 1; w < kWarps; ++w) r = is_max ? fmaxf(r, red[w]) : r + red[w];
+  return r;
+}
+
+__device__ __forceinline__ float ToFloat(float x) { return x; }
+__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+struct TileSmem {
+  float q[kQT][kDK];
+  float k[kKT][kDK + 1];  // +1: lane l reads row l -> distinct banks
+};
+
+// acc[r][c] = sum_{d < D} q[i0 + warp + kWarps*r][d] * k[j0 + lane + 32*c][d]; rows i >= i_end
+// or j >= j_end read as zeros. q / k point at the (b, head) slice, rows strided, head dim
+// contiguous. Starts with __syncthreads (shared memory written before the call may be reused
+// once every thread has passed it). Same tiling as WindowKV's scorer (window_scores.cuh),
+// kept separate because a header's non-template kernels cannot be shared by two .cu files.
+template <typename T>
+__device__ __forceinline__ void TileDots(const T* __restrict__ q, int64_t q_stride_n, int64_t i0,
+                                         int64_t i_end, const T* __restrict__ k,
+                                         int64_t k_stride_n, int64_t j0, int64_t j_end, int D,
+                                         TileSmem& sm, float (&acc)[kRQ][kRK]) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+#pragma unroll
+  for (int r = 0; r < kRQ; ++r)
+#pragma unroll
+    for (int c = 0; c < kRK; ++c) acc[r][c] = 0.f;
+  for (int d0 = 0; d0 < D; d0 += kDK) {
+    __syncthreads();
+    for (int e = tid; e < kQT * kDK; e += kThreads) {
+      const int row = e / kDK, d = e % kDK;
+      const int64_t i = i0 + row;
+      sm.q[row][d] = (i < i_end && d0 + d < D) ? ToFloat(q[i * q_stride_n + d0 + d]) : 0.f;
+    }
+    for (int e = tid; e < kKT * kDK; e += kThreads) {
+      const int row = e / kDK, d = e % kDK;
+      const int64_t j = j0 + row;
+      sm.k[row][d] = (j < j_end && d0 + d < D) ? ToFloat(k[j * k_stride_n + d0 + d]) : 0.f;
+    }
+    __syncthreads();
+    const int dn = ts_min(kDK, D - d0);
+#pragma unroll 4
+    for (int d = 0; d < dn; ++d) {
+      float kv[kRK];
+#pragma unroll
+      for (int c = 0; c < kRK; ++c) kv[c] = sm.k[lane + 32 * c][d];
+#pragma unroll
+      for (int r = 0; r < kRQ; ++r) {
+        const float qv = sm.q[warp + kWarps * r][d];
+#pragma unroll
+        for (int c = 0; c < kRK; ++c) acc[r][c] = fmaf(qv, kv[c], acc[r][c]);
+      }
+    }
+  }
+}
+
+// (m, l) <- merge of two softmax partials; (-inf, 0) is the empty partial.
+__device__ __forceinline__ void MergeStats(float& m, float& l, float m2, float l2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == ts_neg_inf()) return;
+  l = l * expf(m - mn) + l2 * expf(m2 - mn);
+  m = mn;
+}
+
+// Pass 1, one CTA per (b, h, query tile qt, key chunk c): part[((b*H + h)*m + r)*chunks + c] =
+// (max_j x[r, j], sum_j exp(x[r, j] - max)) over the visible keys j <= p_r of chunk c.
+// q points at the first representative query.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    FlexStatsKernel(const T* __restrict__ q, const T* __restrict__ k, float2* __restrict__ part,
+                    int64_t m, int64_t H, int64_t Hk, int64_t Nk, int D, int64_t q_stride_b,
+                    int64_t q_stride_n, int64_t q_stride_h, int64_t k_stride_b,
+                    int64_t k_stride_n, int64_t k_stride_h, float scale, int64_t q_tiles,
+                    int64_t chunks, int64_t tiles_per_chunk) {
+  __shared__ TileSmem sm;
+  int64_t bid = blockIdx.x;
+  const int64_t c = bid % chunks;
+  bid /= chunks;
+  const int64_t qt = bid % q_tiles;
+  bid /= q_tiles;
+  const int64_t h = bid % H, b = bid / H;
+  const int64_t hk = h / (H / Hk);
+  const T* qh = q + b * q_stride_b + h * q_stride_h;
+  const T* kh = k + b * k_stride_b + hk * k_stride_h;
+  const int64_t i0 = qt * kQT, base = Nk - m;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float mx[kRQ], l[kRQ], acc[kRQ][kRK];
+#pragma unroll
+  for (int r = 0; r < kRQ; ++r) mx[r] = ts_neg_inf(), l[r] = 0.f;
+  for (int64_t t = 0; t < tiles_per_chunk; ++t) {
+    const int64_t j0 = (c * tiles_per_chunk + t) * kKT;
+    if (j0 >= Nk) break;  // uniform over the CTA
+    TileDots(qh, q_stride_n, i0, m, kh, k_stride_n, j0, Nk, D, sm, acc);
+#pragma unroll
+    for (int r = 0; r < kRQ; ++r) {
+      const int64_t i = i0 + warp + kWarps * r;
+#pragma unroll
+      for (int cc = 0; cc < kRK; ++cc) {
+        const int64_t j = j0 + lane + 32 * cc;
+        if (i < m && j <= base + i) MergeStats(mx[r], l[r], scale * acc[r][cc], 1.f);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRQ; ++r) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, mx[r], off);
+      const float l2 = __shfl_xor_sync(0xffffffffu, l[r], off);
+      MergeStats(mx[r], l[r], m2, l2);
+    }
+    const int64_t i = i0 + warp + kWarps * r;
+    if (lane == 0 && i < m) part[((b * H + h) * m + i) * chunks + c] = make_float2(mx[r], l[r]);
+  }
+}
+
+// stats[row] = (m, 1/l), merging the chunk partials in order. (Templated only so that the
+// kernel has vague linkage: this header may be included by several .cu files.)
+template <typename T>
+__global__ void FlexStatsCombineKernel(const float2* __restrict__ part,
+                                       float2* __restrict__ stats, int64_t rows,
+                                       int64_t chunks) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  float m = ts_neg_inf(), l = 0.f;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float2 p = part[row * chunks + c];
+    MergeStats(m, l, p.x, p.y);
+  }
+  stats[row] = make_float2(m, l > 0.f ? 1.f / l : 0.f);
+}
+
+// Pass 2, one CTA per (b, h, key range cb = keys [cb*512, min(cb*512 + 512, Nk))).
+//   vertical[(b*H + h)*nb + c] for the CTA's key blocks c (whole blocks: 512 % bs == 0)
+//   slash_part[((b*H + h)*kb + cb)*span + u] = unnormalised mass of offset block
+//     CtaMinDelta(cb)/bs + u over the CTA's keys (times 1/m)
+// q points at the first representative query (row Nq - m).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    FlexMassKernel(const T* __restrict__ q, const T* __restrict__ k,
+                   const float2* __restrict__ stats, float* __restrict__ vertical,
+                   float* __restrict__ slash_part, int64_t m, int64_t H, int64_t Hk, int64_t Nk,
+                   int D, int64_t bs, int64_t nb, int64_t q_stride_b, int64_t q_stride_n,
+                   int64_t q_stride_h, int64_t k_stride_b, int64_t k_stride_n,
+                   int64_t k_stride_h, float scale, int64_t kb, int64_t span) {
+  __shared__ TileSmem sm;
+  __shared__ float pt[kQT][kKT + 1];
+  __shared__ float col[kKeysPerCta];
+  __shared__ float diag[kMaxDiag];
+  int64_t bid = blockIdx.x;
+  const int64_t cb = bid % kb;
+  const int64_t bh = bid / kb;
+  const int64_t h = bh % H, b = bh / H;
+  const int64_t hk = h / (H / Hk);
+  const T* qh = q + b * q_stride_b + h * q_stride_h;
+  const T* kh = k + b * k_stride_b + hk * k_stride_h;
+  const float2* st = stats + bh * m;
+  const int64_t J0 = cb * kKeysPerCta, J1 = ts_min<int64_t>(J0 + kKeysPerCta, Nk);
+  const int64_t base = Nk - m;  // position of rep query 0
+  const int64_t dmin = CtaMinDelta(cb, Nk, m), dmax = Nk - 1 - J0;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  for (int t = tid; t < kKeysPerCta; t += kThreads) col[t] = 0.f;
+  for (int t = tid; t < kMaxDiag; t += kThreads) diag[t] = 0.f;
+  // (ordered before the first use by TileDots' leading __syncthreads)
+
+  for (int64_t j0 = J0; j0 < J1; j0 += kKT) {
+    for (int64_t i0 = 0; i0 < m; i0 += kQT) {
+      float acc[kRQ][kRK];
+      TileDots(qh, q_stride_n, i0, m, kh, k_stride_n, j0, J1, D, sm, acc);
+#pragma unroll
+      for (int r = 0; r < kRQ; ++r) {
+        const int ri = warp + kWarps * r;
+        const int64_t i = i0 + ri;
+        const float2 s = i < m ? st[i] : make_float2(0.f, 0.f);  // (m_i, 1/l_i)
+#pragma unroll
+        for (int c = 0; c < kRK; ++c) {
+          const int jl = lane + 32 * c;
+          const int64_t j = j0 + jl;
+          pt[ri][jl] = (i < m && j < J1 && j <= base + i) ? expf(scale * acc[r][c] - s.x) * s.y
+                                                          : 0.f;
+        }
+      }
+      __syncthreads();
+      if (tid < kKT) {
+        float v = 0.f;
+        for (int ri = 0; ri < kQT; ++ri) v += pt[ri][tid];
+        if (j0 + tid < J1) col[j0 + tid - J0] += v;
+      } else if (tid < kKT + kTileDiags) {
+        const int dl = tid - kKT;  // tile diagonal: ri - jl = dl - (kKT - 1)
+        const int64_t delta = base + i0 - j0 + dl - (kKT - 1);
+        float v = 0.f;
+        for (int ri = 0; ri < kQT; ++ri) {
+          const int jl = ri + (kKT - 1) - dl;
+          if (jl >= 0 && jl < kKT) v += pt[ri][jl];
+        }
+        // A nonzero entry always lies in [dmin, dmax]; the bound also keeps us in diag.
+        if (delta >= dmin && delta <= dmax && delta - dmin < kMaxDiag) diag[delta - dmin] += v;
+      }
+      // pt / col / diag are next touched after the next TileDots' leading __syncthreads.
+    }
+  }
+  __syncthreads();
+  const float inv_m = 1.f / static_cast<float>(m);
+  const int64_t c0 = J0 / bs, c1 = ceil_div<int64_t>(J1, bs);
+  for (int64_t c = c0 + tid; c < c1; c += kThreads) {
+    const int64_t e = flex::block_end(c, Nk, bs);
+    float v = 0.f;
+    for (int64_t j = flex::block_begin(c, bs); j < e; ++j) v += col[j - J0];
+    vertical[bh * nb + c] = v * inv_m;
+  }
+  const int64_t t_lo = dmin / bs;
+  for (int64_t u = tid; u < span; u += kThreads) {
+    const int64_t t = t_lo + u;
+    const int64_t lo = ts_max<int64_t>(t * bs, dmin), hi = ts_min<int64_t>((t + 1) * bs - 1, dmax);
+    float v = 0.f;
+    for (int64_t d = lo; d <= hi; ++d) v += diag[d - dmin];
+    slash_part[(bh * kb + cb) * span + u] = v * inv_m;
+  }
+}
+
+// slash[(b*H + h)*nb + t] = sum over CTAs cb (in order) of their partial for offset block t.
+template <typename T>
+__global__ void FlexSlashCombineKernel(const float* __restrict__ slash_part,
+                                       float* __restrict__ slash, int64_t BH, int64_t nb,
+                                       int64_t Nk, int64_t m, int64_t bs, int64_t kb,
+                                       int64_t span) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= BH * nb) return;
+  const int64_t t = idx % nb, bh = idx / nb;
+  float v = 0.f;
+  for (int64_t cb = 0; cb < kb; ++cb) {
+    const int64_t u = t - CtaMinDelta(cb, Nk, m) / bs;
+    if (u >= 0 && u < span) v += slash_part[(bh * kb + cb) * span + u];
+  }
+  slash[idx] = v;
+}
+
+// kbar[((b*Hk + hk)*nb + c)*D + d] = mean over the real keys of block c of k[b, j, hk, d].
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    FlexKeyMeanKernel(const T* __restrict__ k, float* __restrict__ kbar, int64_t Hk, int64_t Nk,
+                      int D, int64_t bs, int64_t nb, int64_t k_stride_b, int64_t k_stride_n,
+                      int64_t k_stride_h) {
+  int64_t bid = blockIdx.x;
+  const int64_t c = bid % nb;
+  bid /= nb;
+  const int64_t hk = bid % Hk, b = bid / Hk;
+  const T* kh = k + b * k_stride_b + hk * k_stride_h;
+  const int64_t j0 = flex::block_begin(c, bs), j1 = flex::block_end(c, Nk, bs);
+  const float inv = 1.f / static_cast<float>(j1 - j0);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float v = 0.f;
+    for (int64_t j = j0; j < j1; ++j) v += ToFloat(kh[j * k_stride_n + d]);
+    kbar[((b * Hk + hk) * nb + c) * D + d] = v * inv;
+  }
+}
+
+// One CTA per (b, h): qbar = mean of the m rep queries; estimate[c] = softmax_c(scale *
+// qbar . kbar_c). The logits are staged in `estimate` itself (global, same CTA).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    FlexEstimateKernel(const T* __restrict__ q, const float* __restrict__ kbar,
+                       float* __restrict__ estimate, int64_t m, int64_t H, int64_t Hk, int D,
+                       int64_t nb, int64_t q_stride_b, int64_t q_stride_n, int64_t q_stride_h,
+                       float scale) {
+  __shared__ float qbar[256];  // D <= 256 (checked by the launcher)
+  __shared__ float red[kWarps];
+  const int64_t bh = blockIdx.x;
+  const int64_t h = bh % H, b = bh / H;
+  const int64_t hk = h / (H / Hk);
+  const T* qh = q + b * q_stride_b + h * q_stride_h;
+  const float* kb = kbar + (b * Hk + hk) * nb * D;
+  float* out = estimate + bh * nb;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  for (int d = tid; d < D; d += kThreads) {
+    float v = 0.f;
+    for (int64_t r = 0; r < m; ++r) v += ToFloat(qh[r * q_stride_n + d]);
+    qbar[d] = v / static_cast<float>(m);
+  }
+  __syncthreads();
+  for (int64_t c = warp; c < nb; c += kWarps) {
+    float v = 0.f;
+    for (int d = lane; d < D; d += 32) v = fmaf(qbar[d], kb[c * D + d], v);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) out[c] = scale * v;
+  }
+  __syncthreads();  // logits visible to the whole CTA
+  float mx = ts_neg_inf();
+  for (int64_t c = tid; c < nb; c += kThreads) mx = fmaxf(mx, out[c]);
+  mx = BlockReduce(mx, red, true);
+  float sum = 0.f;
+  for (int64_t c = tid; c < nb; c += kThreads) sum += expf(out[c] - mx);
+  sum = BlockReduce(sum, red, false);
+  const float inv = 1.f / sum;
+  for (int64_t c = tid; c < nb; c += kThreads) out[c] = expf(out[c] - mx) * inv;
+}
+
+struct Plan {
+  int64_t nb = 0, m = 0, q_tiles = 0, tiles_per_chunk = 1, chunks = 0, kb = 0, span = 0;
+  size_t part_off = 0, stats_off = 0, slash_off = 0, kbar_off = 0, bytes = 0;
+};
+
+inline size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+inline Plan MakePlan(int64_t B, int64_t Nq, int64_t H, int64_t Hk, int64_t Nk, int64_t D,
+                     int64_t bs) {
+  Plan p;
+  p.nb = flex::num_blocks(Nk, bs);
+  p.m = flex::num_rep_queries(Nq, bs);
+  if (B <= 0 || H <= 0 || Hk <= 0 || p.nb <= 0 || p.m <= 0 || D <= 0) return p;
+  // Pass 1: split the keys for >= ~kTargetBlocks blocks.
+  p.q_tiles = ceil_div<int64_t>(p.m, kQT);
+  const int64_t key_tiles = ceil_div<int64_t>(Nk, kKT);
+  const int64_t want_chunks = ceil_div<int64_t>(kTargetBlocks, B * H * p.q_tiles);
+  p.tiles_per_chunk =
+      ts_clamp<int64_t>(ceil_div(key_tiles, want_chunks), 1, kMaxKeyTilesPerChunk);
+  p.chunks = ceil_div(key_tiles, p.tiles_per_chunk);
+  p.kb = ceil_div<int64_t>(Nk, kKeysPerCta);
+  p.span = SlashSpan(bs);
+  p.part_off = 0;
+  p.stats_off = AlignUp(static_cast<size_t>(B * H * p.m * p.chunks) * sizeof(float2));
+  p.slash_off = p.stats_off + AlignUp(static_cast<size_t>(B * H * p.m) * sizeof(float2));
+  p.kbar_off = p.slash_off + AlignUp(static_cast<size_t>(B * H * p.kb * p.span) * sizeof(float));
+  p.bytes = p.kbar_off + AlignUp(static_cast<size_t>(B * Hk * p.nb * D) * sizeof(float));
+  return p;
+}
+
+}  // namespace flex_estimate_detail
+
+// Bytes of device workspace FlexEstimate needs (0 when there is nothing to compute):
+// about B*H*m*(chunks + 1)*8 + B*H*ceil(Nk/512)*(512/bs + 3)*4 + B*Hk*nb*D*4 bytes.
+inline size_t FlexEstimateWorkspaceBytes(int64_t B, int64_t Nq, int64_t H, int64_t Hk,
+                                         int64_t Nk, int64_t D, int64_t block_size) {
+  if (block_size < 1) return 0;
+  return flex_estimate_detail::MakePlan(B, Nq, H, Hk, Nk, D, block_size).bytes;
+}
+
+// FlexPrefill estimation for every (b, query head).
+//   q         [B, Nq, H, D] T, element strides (q_stride_b, q_stride_n, q_stride_h), head dim
+//             contiguous; the queries are the last Nq of the Nk positions
+//   k         [B, Nk, Hk, D] T, element strides (k_stride_b, k_stride_n, k_stride_h), head dim
+//             contiguous
+//   vertical, slash, estimate   float32 [B, H, nb] contiguous, nb = ceil(Nk / block_size)
+//   workspace >= FlexEstimateWorkspaceBytes(...) bytes, 256-byte aligned
+// T = float, __half or __nv_bfloat16; math in fp32. Requires 0 <= Nq <= Nk, H % Hk == 0,
+// 1 <= D <= 256, block_size in {16, 32, 64, 128}. Empty outputs launch nothing; Nq == 0 with
+// Nk > 0 zero-fills the outputs. Six launches on `stream`.
+template <typename T>
+cudaError_t FlexEstimate(const T* q, const T* k, float* vertical, float* slash, float* estimate,
+                         void* workspace, size_t workspace_bytes, int64_t B, int64_t Nq,
+                         int64_t H, int64_t Hk, int64_t Nk, int64_t D, int64_t block_size,
+                         int64_t q_stride_b, int64_t q_stride_n, int64_t q_stride_h,
+                         int64_t k_stride_b, int64_t k_stride_n, int64_t k_stride_h, float scale,
+                         cudaStream_t stream) {
+  namespace d = flex_estimate_detail;
+  if (B < 0 || Nq < 0 || Nq > Nk || Hk < 1 || H < 0 || H % Hk != 0 || D < 1 || D > 256 ||
+      !d::SupportedBlockSize(block_size))
+    return cudaErrorInvalidValue;
+  const d::Plan p = d::MakePlan(B, Nq, H, Hk, Nk, D, block_size);
+  const int64_t out_elems = B * H * p.nb;
+  if (out_elems == 0) return cudaSuccess;
+  if (p.m == 0) {  // no queries: no attention mass anywhere
+    const size_t bytes = static_cast<size_t>(out_elems) * sizeof(float);
+    cudaError_t err = cudaMemsetAsync(vertical, 0, bytes, stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(slash, 0, bytes, stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(estimate, 0, bytes, stream);
+    return err;
+  }
+  if (workspace == nullptr || workspace_bytes < p.bytes || !is_aligned(workspace, d::kAlign))
+    return cudaErrorInvalidValue;
+  const int64_t BH = B * H;
+  const int64_t blocks1 = BH * p.q_tiles * p.chunks;
+  const int64_t rows = BH * p.m;
+  const int64_t blocks_c = ceil_div<int64_t>(rows, d::kThreads);
+  const int64_t blocks2 = BH * p.kb;
+  const int64_t blocks_s = ceil_div<int64_t>(out_elems, d::kThreads);
+  const int64_t blocks_k = B * Hk * p.nb;
+  if (blocks1 > INT_MAX || blocks_c > INT_MAX || blocks2 > INT_MAX || blocks_s > INT_MAX ||
+      blocks_k > INT_MAX || BH > INT_MAX)
+    return cudaErrorInvalidConfiguration;
+
+  char* ws = static_cast<char*>(workspace);
+  float2* part = reinterpret_cast<float2*>(ws + p.part_off);
+  float2* stats = reinterpret_cast<float2*>(ws + p.stats_off);
+  float* slash_part = reinterpret_cast<float*>(ws + p.slash_off);
+  float* kbar = reinterpret_cast<float*>(ws + p.kbar_off);
+  const T* q_rep = q + (Nq - p.m) * q_stride_n;  // the last m queries
+  const int Di = static_cast<int>(D);
+
+  d::FlexStatsKernel<T><<<static_cast<unsigned>(blocks1), d::kThreads, 0, stream>>>(
+      q_rep, k, part, p.m, H, Hk, Nk, Di, q_stride_b, q_stride_n, q_stride_h,
+      k_stride_b, k_stride_n, k_stride_h, scale, p.q_tiles, p.chunks, p.tiles_per_chunk);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  d::FlexStatsCombineKernel<T><<<static_cast<unsigned>(blocks_c), d::kThreads, 0, stream>>>(
+      part, stats, rows, p.chunks);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  d::FlexMassKernel<T><<<static_cast<unsigned>(blocks2), d::kThreads, 0, stream>>>(
+      q_rep, k, stats, vertical, slash_part, p.m, H, Hk, Nk, Di, block_size, p.nb, q_stride_b,
+      q_stride_n, q_stride_h, k_stride_b, k_stride_n, k_stride_h, scale, p.kb, p.span);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  d::FlexSlashCombineKernel<T><<<static_cast<unsigned>(blocks_s), d::kThreads, 0, stream>>>(
+      slash_part, slash, BH, p.nb, Nk, p.m, block_size, p.kb, p.span);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  d::FlexKeyMeanKernel<T><<<static_cast<unsigned>(blocks_k), 128, 0, stream>>>(
+      k, kbar, Hk, Nk, Di, block_size, p.nb, k_stride_b, k_stride_n, k_stride_h);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  d::FlexEstimateKernel<T><<<static_cast<unsigned>(BH), d::kThreads, 0, stream>>>(
+      q_rep, kbar, estimate, p.m, H, Hk, Di, p.nb, q_stride_b, q_stride_n, q_stride_h, scale);
+  return cudaGetLastError();
+}
+
+#ifdef TASKSIEVE_COMPILE_CHECK
+#define TASKSIEVE_INSTANTIATE_FLEX_ESTIMATE(T)                                                 \
+  template cudaError_t FlexEstimate<T>(const T*, const T*, float*, float*, float*, void*,      \
+                                       size_t, int64_t, int64_t, int64_t, int64_t, int64_t,    \
+                                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,   \
+                                       int64_t, int64_t, float, cudaStream_t);
+TASKSIEVE_INSTANTIATE_FLEX_ESTIMATE(float)
+TASKSIEVE_INSTANTIATE_FLEX_ESTIMATE(__half)
+TASKSIEVE_INSTANTIATE_FLEX_ESTIMATE(__nv_bfloat16)
+#undef TASKSIEVE_INSTANTIATE_FLEX_ESTIMATE
+#endif
+
+}  // namespace tasksieve

@@ -303,23 +303,14 @@ def run_shape(ctx, s: Shape) -> list[dict]:
 def run(ctx, shapes=None) -> list[dict]:
     """All WindowKV rows for `ctx.device` (default shapes per device and mode, or `shapes`:
     a list of `Shape` or of dicts of Shape fields)."""
+    from tasksieve.bench import run_shapes
+
     if shapes is None:
         shapes = default_shapes(ctx.device, ctx.quick)
-    rows = []
-    for s in shapes:
-        if isinstance(s, dict):
-            s = Shape(**s)
-        ctx.log(f"[bench] kv_window {s.label()}")
-        rows += run_shape(ctx, s)
-        if ctx.cuda:
-            torch.cuda.empty_cache()
-    return rows
+    return run_shapes(ctx, FAMILY, shapes, Shape, run_shape)
 
 
 if __name__ == "__main__":
-    from tasksieve.bench import main
+    from tasksieve.bench import family_main
 
-    argv = sys.argv[1:]
-    if "--only" not in argv:
-        argv = ["--only", FAMILY] + argv
-    sys.exit(main(argv))
+    sys.exit(family_main(FAMILY))

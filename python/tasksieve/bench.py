@@ -540,6 +540,28 @@ def write_plot(rows: Sequence[dict], path: Path, title: str) -> Optional[Path]:
 # families and the driver
 
 
+
+def run_shapes(ctx: "BenchContext", family: str, shapes, shape_cls, run_shape) -> list[dict]:
+    """The loop every family's ``run(ctx, shapes)`` shares: shapes are ``shape_cls`` instances or dicts
+    of its fields; one log line per shape; the CUDA cache is emptied between shapes."""
+    rows = []
+    for s in shapes:
+        if isinstance(s, dict):
+            s = shape_cls(**s)
+        ctx.log(f"[bench] {family} {s.label()}")
+        rows += run_shape(ctx, s)
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def family_main(family: str, argv=None) -> int:
+    """``python bench/bench_<family>.py [args]``: the harness CLI restricted to that family."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--only" not in argv:
+        argv = ["--only", family] + argv
+    return main(argv)
+
 def load_family(name: str):
     """Import bench/<file> of family `name` by path (bench/ is not a package)."""
     if name not in FAMILIES:

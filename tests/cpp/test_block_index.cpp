@@ -6,27 +6,10 @@
 #include <initializer_list>
 
 #include "tasksieve/block_index.h"
+#include "check.h"
 
 namespace bk = tasksieve::block;
 
-static int g_failures = 0;
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);  \
-      ++g_failures;                                                                  \
-    }                                                                                \
-  } while (0)
-#define CHECK_EQ(a, b)                                                                      \
-  do {                                                                                      \
-    const auto va = (a);                                                                    \
-    const auto vb = (b);                                                                    \
-    if (!(va == vb)) {                                                                      \
-      std::fprintf(stderr, "%s:%d: CHECK_EQ failed: %s == %s (%lld vs %lld)\n", __FILE__,   \
-                   __LINE__, #a, #b, static_cast<long long>(va), static_cast<long long>(vb)); \
-      ++g_failures;                                                                         \
-    }                                                                                       \
-  } while (0)
 
 static void TestSizes() {
   CHECK_EQ(bk::num_blocks(0, 64), 0);

@@ -9,28 +9,10 @@
 #include <vector>
 
 #include "tasksieve/select_index.h"
+#include "check.h"
 
 namespace f = tasksieve::flex;
 
-static int g_failures = 0;
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++g_failures;                                                                 \
-    }                                                                               \
-  } while (0)
-#define CHECK_EQ(a, b)                                                                    \
-  do {                                                                                    \
-    const auto va = (a);                                                                  \
-    const auto vb = (b);                                                                  \
-    if (!(va == vb)) {                                                                    \
-      std::fprintf(stderr, "%s:%d: CHECK_EQ failed: %s == %s (%lld vs %lld)\n", __FILE__, \
-                   __LINE__, #a, #b, static_cast<long long>(va),                          \
-                   static_cast<long long>(vb));                                           \
-      ++g_failures;                                                                       \
-    }                                                                                     \
-  } while (0)
 
 // diag_block(r) = key block of the last query of query block r, i.e. the largest key block
 // holding a key visible to some query of the block (query i at position Nk - Nq + i).

@@ -11,27 +11,10 @@
 #include <vector>
 
 #include "tasksieve/window_index.h"
+#include "check.h"
 
 namespace w = tasksieve::window;
 
-static int g_failures = 0;
-#define CHECK(cond)                                                          \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++g_failures;                                                          \
-    }                                                                        \
-  } while (0)
-#define CHECK_EQ(a, b)                                                                     \
-  do {                                                                                     \
-    const auto va = (a);                                                                   \
-    const auto vb = (b);                                                                   \
-    if (!(va == vb)) {                                                                     \
-      std::fprintf(stderr, "%s:%d: CHECK_EQ failed: %s == %s (%lld vs %lld)\n", __FILE__,  \
-                   __LINE__, #a, #b, static_cast<long long>(va), static_cast<long long>(vb)); \
-      ++g_failures;                                                                        \
-    }                                                                                      \
-  } while (0)
 
 static const float kNaN = std::numeric_limits<float>::quiet_NaN();
 static const float kInf = std::numeric_limits<float>::infinity();

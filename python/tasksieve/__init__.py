@@ -7,9 +7,12 @@ Public API::
     ts.patch(model, kv=ts.WindowKV(budget=0.12, window=8, group=8, strategy="auto"))
     model.generate(...)
     ts.unpatch(model)
+
+    out, lse = ts.flex_prefill_attention(q, k, v, gamma=0.95, tau=0.1)   # sparse prefill attention
 """
 
 from . import _ext, hf, models, ops
+from .flexprefill import FlexPrefill, flex_prefill_attention
 from .hf import last_info, patch, patched, unpatch
 from .windowkv import PyramidKV, SnapKV, WindowKV
 
@@ -24,4 +27,4 @@ def build_info() -> dict:
 
 
 __all__ = ["ops", "hf", "models", "build_info", "WindowKV", "SnapKV", "PyramidKV", "patch",
-           "patched", "unpatch", "last_info"]
+           "patched", "unpatch", "last_info", "FlexPrefill", "flex_prefill_attention"]

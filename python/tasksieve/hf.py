@@ -2,9 +2,10 @@
 
 Public API
 ----------
-``patch(model, kv=None)``                     install the integration (``kv``: a press or None)
+``patch(model, kv=None, prefill=None)``       install the integration (``kv``: a press or None; ``prefill``: a
+                                              :class:`~tasksieve.flexprefill.FlexPrefill` or None)
 ``unpatch(model)``                            remove it; the model behaves exactly as before
-``patched(model, kv=None)``                   context manager: patch, yield the model, unpatch
+``patched(model, kv=None, prefill=None)``     context manager: patch, yield the model, unpatch
 ``last_info(model)``                          what the last compressed request did (strategy, kept tokens, bytes)
 ``cache_info(cache)``                         the same for one cache object
 ``prefill_multi(model, input_ids, attention_mask, presses)``   ONE prefill -> one compressed cache per press
@@ -23,7 +24,12 @@ How it works (nothing private is monkeypatched)
 * A forward pre-hook and a forward hook (``with_kwargs=True``) on every ``self_attn`` get the cache object from the
   call's keyword arguments (``cache`` in transformers >= 5.2x, ``past_key_values`` before). After the prompt's
   attention of layer i ran on the full cache, the hook compresses ``cache.layers[i].keys/.values`` with the press
-  and writes the result back (kvpress does the same). Prefill attention is therefore always full.
+  and writes the result back (kvpress does the same). Prefill attention is therefore full, unless ``prefill``
+  is a :class:`~tasksieve.flexprefill.FlexPrefill`: then the attention function computes every multi-token forward
+  without padding and with at least ``prefill.dense_threshold`` queries through
+  :func:`~tasksieve.flexprefill.flex_prefill_attention` (sparse prefill, on the query/key/value views transposed to
+  ``[B, N, heads, D]``); the cache still receives the full prompt KV, which a ``kv`` press then compresses as usual.
+  Decoding, short prompts, padded batches and training with dropout use the dense path.
 * A forward pre-hook on the decoder (``model.model``) records the prompt ids (for strategy callables) and, when a
   caller passes a compressed cache without ``position_ids``, supplies them from the true token count: after
   compression ``cache.get_seq_length()`` (layer 0's kept length) no longer equals the number of tokens seen.
@@ -49,6 +55,7 @@ from typing import Any, Optional
 
 import torch
 
+from .flexprefill import FlexPrefill, flex_prefill_attention
 from .windowkv import PressState, PyramidKV, SnapKV, WindowKV
 
 __all__ = [
@@ -147,6 +154,7 @@ class _ModelState:
     input_ids: Optional[torch.Tensor] = None
     fwd_pos: Optional[torch.Tensor] = None
     decoder_params: tuple = ()
+    prefill: Optional[FlexPrefill] = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,6 +262,14 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
             cs.qbuf[layer_idx] = buf[:, -cs.qbuf[layer_idx].shape[1] :].contiguous()
         if cs is not None and layer_idx == 0:
             _count_tokens(cs, ms.fwd_pos, q_len, query.shape[0], query.device)
+    fp = None if ms is None else ms.prefill
+    if (fp is not None and key_valid is None and 1 < q_len and q_len >= fp.dense_threshold
+            and not (dropout > 0.0 and module.training)):
+        out, _ = flex_prefill_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), gamma=fp.gamma, tau=fp.tau,
+            block_size=fp.block_size, min_budget=fp.min_budget, max_budget=fp.max_budget, scale=scaling,
+            dense_below=fp.dense_below)
+        return out, None  # [B, q, H, D], like sdpa_attention_forward
     return _sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
@@ -505,6 +521,16 @@ def _check_press(kv) -> None:
     kv.validate()
 
 
+def _check_prefill(prefill) -> None:
+    if prefill is None:
+        return
+    if not isinstance(prefill, FlexPrefill):
+        raise ValueError(
+            f"tasksieve.patch: prefill must be a tasksieve.FlexPrefill or None, got {type(prefill).__name__}"
+        )
+    prefill.validate()
+
+
 def _set_impl(model, name) -> None:
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
@@ -524,7 +550,7 @@ def is_patched(model) -> bool:
     return isinstance(getattr(model, _ATTR, None), _ModelState)
 
 
-def patch(model, kv=None):
+def patch(model, kv=None, prefill=None):
     """Install the tasksieve integration on a HF causal LM.
 
     Parameters
@@ -535,6 +561,8 @@ def patch(model, kv=None):
     kv : WindowKV, SnapKV, PyramidKV or None
         KV-cache press applied to every new request (a forward that starts with an empty cache). None installs the
         integration without compressing (needed to decode with caches made by :func:`prefill_multi`).
+    prefill : FlexPrefill or None
+        Sparse prefill attention (see the module docstring); composes with ``kv``. None: dense prefill.
 
     Returns
     -------
@@ -543,12 +571,14 @@ def patch(model, kv=None):
     Raises
     ------
     ValueError
-        Not a HF model, unsupported architecture or sliding-window layers, invalid press, already patched.
+        Not a HF model, unsupported architecture or sliding-window layers, invalid press or prefill, already
+        patched.
     """
     _check_model(model)
     if is_patched(model):
         raise ValueError("tasksieve.patch: the model is already patched; call tasksieve.unpatch(model) first")
     _check_press(kv)
+    _check_prefill(prefill)
     _register()
     decoder = _decoder_of(model)
     attn_modules = []
@@ -565,6 +595,7 @@ def patch(model, kv=None):
         num_layers=len(attn_modules),
         cache_kw=_cache_kwarg(model),
         decoder_params=tuple(inspect.signature(decoder.forward).parameters),
+        prefill=prefill,
     )
     try:
         for attn in attn_modules:
@@ -605,9 +636,10 @@ def unpatch(model):
 
 
 @contextlib.contextmanager
-def patched(model, kv=None):
-    """``with patched(model, kv=WindowKV(...)): model.generate(...)`` — patch, then always unpatch."""
-    patch(model, kv=kv)
+def patched(model, kv=None, prefill=None):
+    """``with patched(model, kv=WindowKV(...), prefill=FlexPrefill(...)): model.generate(...)`` — patch, then always
+    unpatch."""
+    patch(model, kv=kv, prefill=prefill)
     try:
         yield model
     finally:

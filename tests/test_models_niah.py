@@ -366,3 +366,58 @@ def test_default_model_capital_of_france():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+# ------------------------------------------------------------------------------------------------ sparse prefill
+
+
+def test_parse_methods_flexprefill():
+    m = niah.parse_methods("dense,flexprefill:0.9:block_size=16,tau=0.2,dense_below=0,snapkv:0.25")
+    assert list(m) == ["dense", "flexprefill:0.9:block_size=16,tau=0.2,dense_below=0", "snapkv:0.25"]
+    fp = m["flexprefill:0.9:block_size=16,tau=0.2,dense_below=0"]
+    assert isinstance(fp, ts.FlexPrefill) and niah.is_prefill_method(fp)
+    assert (fp.gamma, fp.tau, fp.block_size, fp.dense_below) == (0.9, 0.2, 16, 0)
+    assert not niah.is_prefill_method(m["snapkv:0.25"]) and not niah.is_prefill_method(None)
+    with pytest.raises(ValueError, match="block_size"):
+        niah.parse_methods("flexprefill:0.9:block_size=48")
+
+
+def test_run_niah_flexprefill(char_tok, tmp_path):
+    """gamma=1 selects every causal block: same answers as dense, KL ~ 0, ratio 1; gamma=0.5 skips blocks."""
+    model = models.tiny_model("llama", seed=0)
+    methods = niah.parse_methods("dense,flexprefill:1.0:block_size=16,dense_below=0,"
+                                 "flexprefill:0.5:block_size=16,dense_below=0,windowkv:0.25")
+    names = list(methods)
+    rows = niah.run_niah(model, char_tok, methods, lengths=[200, 300], depths=[0.5], haystack="pydoc",
+                         max_new_tokens=5, seed=0, progress=False)
+    assert not ts.hf.is_patched(model)
+    assert [r["method"] for r in rows] == names * 2
+    for case_rows in (rows[:4], rows[4:]):
+        dense, full, half, wkv = case_rows
+        assert full["sparse_prefill"] and half["sparse_prefill"] and not wkv["sparse_prefill"]
+        assert full["prefill_block_ratio"] == pytest.approx(1.0)
+        assert full["kl"] < 1e-6 and full["top1"] == 1 and full["answer"] == dense["answer"]
+        assert full["kv_kept_pct"] == pytest.approx(100.0)
+        assert 0 < half["prefill_block_ratio"] < 1
+        assert half["kl"] >= 0 and 0 <= half["top1"] <= 1
+        assert dense["prefill_block_ratio"] == 1.0 and wkv["prefill_block_ratio"] == 1.0
+    md = niah.summarize(rows)
+    assert "blocks computed" in md and "Sparse-prefill" in md
+    paths = niah.write_results(rows, tmp_path / "out")
+    with paths["csv"].open() as f:
+        got = list(csv.DictReader(f))
+    assert "prefill_block_ratio" in got[0] and float(got[2]["prefill_block_ratio"]) < 1
+    # no sparse-prefill method: no extra column
+    assert "blocks computed" not in niah.summarize([r for r in rows if not r["sparse_prefill"]])
+
+
+def test_last_info_prefill_block_ratio():
+    from tasksieve import hf
+
+    model = models.tiny_model("qwen2", seed=1)
+    ids = torch.randint(3, 128, (1, 96))
+    with hf.patched(model, prefill=ts.FlexPrefill(gamma=1.0, block_size=16, dense_below=0)):
+        model(input_ids=ids)
+        assert hf.last_info(model)["prefill_block_ratio"] == pytest.approx(1.0)
+    with hf.patched(model):
+        assert "prefill_block_ratio" not in hf.last_info(model)

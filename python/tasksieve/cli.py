@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--depths", type=_depth_list, default=[0.1, 0.3, 0.5, 0.7, 0.9],
                    help="comma-separated needle depths (default 0.1,0.3,0.5,0.7,0.9)")
     n.add_argument("--methods", default=DEFAULT_NIAH_METHODS,
-                   help="comma-separated: dense and/or name:budget with name in windowkv, snapkv, pyramidkv "
+                   help="comma-separated: dense and/or name:budget with name in windowkv, snapkv, pyramidkv, "
+                        "and/or flexprefill:gamma (sparse prefill), each with optional :key=value,... extras "
                         f"(default {DEFAULT_NIAH_METHODS})")
     n.add_argument("--haystack", choices=("essays", "pydoc"), default="essays")
     n.add_argument("--out", default=DEFAULT_NIAH_OUT, help=f"output folder (default {DEFAULT_NIAH_OUT})")

@@ -6,7 +6,8 @@ Public API
                                               :class:`~tasksieve.flexprefill.FlexPrefill` or None)
 ``unpatch(model)``                            remove it; the model behaves exactly as before
 ``patched(model, kv=None, prefill=None)``     context manager: patch, yield the model, unpatch
-``last_info(model)``                          what the last compressed request did (strategy, kept tokens, bytes)
+``last_info(model)``                          what the last compressed request did (strategy, kept tokens, bytes;
+                                              with ``prefill``: ``prefill_block_ratio`` of the last prefill)
 ``cache_info(cache)``                         the same for one cache object
 ``prefill_multi(model, input_ids, attention_mask, presses)``   ONE prefill -> one compressed cache per press
 ``decode_step(model, cache, press, next_ids, attention_mask=None)``   one decoding forward on such a cache
@@ -155,6 +156,9 @@ class _ModelState:
     fwd_pos: Optional[torch.Tensor] = None
     decoder_params: tuple = ()
     prefill: Optional[FlexPrefill] = None
+    # computed / causal block ratio (0-dim device tensor) of every layer's sparse prefill in the last multi-token
+    # forward (reset by the decoder pre-hook); read through last_info(model)["prefill_block_ratio"]
+    prefill_ratios: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,10 +269,11 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     fp = None if ms is None else ms.prefill
     if (fp is not None and key_valid is None and 1 < q_len and q_len >= fp.dense_threshold
             and not (dropout > 0.0 and module.training)):
-        out, _ = flex_prefill_attention(
+        out, _, pattern = flex_prefill_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), gamma=fp.gamma, tau=fp.tau,
             block_size=fp.block_size, min_budget=fp.min_budget, max_budget=fp.max_budget, scale=scaling,
-            dense_below=fp.dense_below)
+            dense_below=fp.dense_below, return_pattern=True)
+        ms.prefill_ratios[layer_idx] = pattern.ratio()  # stays on the device: no sync here
         return out, None  # [B, q, H, D], like sdpa_attention_forward
     return _sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
@@ -444,6 +449,9 @@ def _decoder_pre_hook(module, args, kwargs):
     ids = kwargs.get("input_ids", args[0] if args else None)
     ms.input_ids = ids if isinstance(ids, torch.Tensor) else None
     ms.fwd_pos = kwargs.get("position_ids")
+    x0 = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+    if isinstance(x0, torch.Tensor) and x0.dim() >= 2 and x0.shape[1] > 1:
+        ms.prefill_ratios = {}  # a new multi-token forward: forget the last sparse-prefill pattern
     cache = _get_cache(kwargs)
     cs = getattr(cache, _ATTR, None) if cache is not None else None
     if cs is None or cs.seen == 0:
@@ -676,11 +684,20 @@ def last_info(model) -> dict:
     Keys: ``press``, ``strategy`` ("max"/"mean" for WindowKV), ``auto_statistic`` (peak share of the auto rule),
     ``auto_per_row``, ``obs_window``, ``num_tokens``, ``budgets``, ``kept_tokens`` (per layer),
     ``decode_evictions``, ``kv_bytes_before``, ``kv_bytes_after``, ``tokens_seen``.
+
+    With ``prefill=FlexPrefill(...)``, also ``prefill_block_ratio``: computed / causal key blocks of the sparse
+    prefill attention, averaged over the layers of the last multi-token forward that ran it (1.0 = dense;
+    None when that forward ran no layer through FlexPrefill, e.g. padded batches or short prompts). This key is
+    present even when the forward used no cache.
     """
     ms = getattr(model, _ATTR, None)
     if not isinstance(ms, _ModelState):
         raise ValueError("tasksieve.last_info: the model is not patched")
-    return {} if ms.last_cache_state is None else _info_of(ms.last_cache_state)
+    out = {} if ms.last_cache_state is None else _info_of(ms.last_cache_state)
+    if ms.prefill is not None:
+        r = list(ms.prefill_ratios.values())
+        out["prefill_block_ratio"] = float(torch.stack(r).float().mean()) if r else None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

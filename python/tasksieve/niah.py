@@ -2,10 +2,14 @@
 
 For every (context length, depth) case a 5-digit passkey sentence is hidden at a sentence boundary of a long
 haystack, the model is asked for the key, and every method (dense = full KV, or a KV-compression press such as
-``WindowKV``) answers from its own cache. All methods share ONE prefill per case
-(:func:`tasksieve.hf.prefill_multi`). Besides pass/fail, the dense answer tokens are teacher-forced through each
+``WindowKV``) answers from its own cache. All KV methods share ONE prefill per case
+(:func:`tasksieve.hf.prefill_multi`). Sparse-PREFILL methods (``"flexprefill:<gamma>[:k=v,...]"``, a
+:class:`~tasksieve.flexprefill.FlexPrefill`) change the prefill itself: each runs its own prefill per case under
+``hf.patched(model, prefill=...)`` (full KV cache, dense decoding) and records the fraction of causal key blocks its
+prefill attention computed (``prefill_block_ratio``, mean over layers). Besides pass/fail, the dense answer tokens are teacher-forced through each
 method's cache to measure the next-token KL(dense || method) and the top-1 agreement with full KV — a finer quality
 signal than pass/fail for a 135M model.
+For sparse-prefill methods the first answer token comes from their own prefill, so its KL is informative too.
 
 The first answer token comes from the prefill logits, which are identical for every method (the cache is compressed
 after the prefill attention has run on the full context), so its KL is 0 by construction: ``kl_decode`` and
@@ -47,6 +51,7 @@ __all__ = [
     "Case",
     "build_case",
     "haystack_text",
+    "is_prefill_method",
     "kl_top1",
     "make_press",
     "parse_methods",
@@ -68,6 +73,11 @@ NOTE = (
     "after the prefill attention saw the full context), so its KL is 0 and it always agrees: `KL dec` and "
     "`top-1 dec` (decode steps only, dense answer teacher-forced through each method's cache) are the informative "
     "columns; `KL` and `top-1` average over all answer tokens."
+)
+NOTE_PREFILL = (
+    "Sparse-prefill methods (`flexprefill:*`) run their own prefill (full KV cache, dense decoding), so their "
+    "first token can differ from dense and `KL`/`top-1` include it; `blocks computed` is the mean over cases and "
+    "layers of computed / causal key blocks of the prefill attention (100% for every other method)."
 )
 
 
@@ -282,6 +292,8 @@ def make_press(spec: str):
 
     ``name`` in {windowkv, snapkv, pyramidkv}; ``budget`` is the fraction of the prompt's KV kept (e.g. 0.12).
     Extra keyword arguments are passed to the press, e.g. ``"windowkv:0.12:strategy=max,window=8"``.
+    ``"flexprefill:gamma[:key=value,...]"`` builds a :class:`~tasksieve.flexprefill.FlexPrefill` (sparse prefill),
+    e.g. ``"flexprefill:0.95:block_size=64,tau=0.1"``.
     Returns ``None`` for dense.
     """
     spec = spec.strip()
@@ -291,12 +303,14 @@ def make_press(spec: str):
 
     parts = spec.split(":")
     name = parts[0].strip().lower()
-    classes = {"windowkv": ts.WindowKV, "snapkv": ts.SnapKV, "pyramidkv": ts.PyramidKV}
+    from .flexprefill import FlexPrefill
+
+    classes = {"windowkv": ts.WindowKV, "snapkv": ts.SnapKV, "pyramidkv": ts.PyramidKV, "flexprefill": FlexPrefill}
     if name not in classes:
         raise ValueError(f"tasksieve.niah: method must be 'dense' or one of {sorted(classes)}[:budget], got {spec!r}")
     kwargs: dict[str, Any] = {}
     if len(parts) > 1 and parts[1].strip():
-        kwargs["budget"] = float(parts[1])
+        kwargs["gamma" if name == "flexprefill" else "budget"] = float(parts[1])
     if len(parts) > 2:
         for item in ":".join(parts[2:]).split(","):
             if not item.strip():
@@ -458,16 +472,29 @@ def _strategy_of(info: Mapping) -> str:
     return str(v)
 
 
+def is_prefill_method(press) -> bool:
+    """True for a sparse-prefill method (a :class:`~tasksieve.flexprefill.FlexPrefill`), False for KV presses."""
+    from .flexprefill import FlexPrefill
+
+    return isinstance(press, FlexPrefill)
+
+
 @torch.inference_mode()
 def run_case(model, tokenizer, case: Case, methods: Mapping[str, Any], max_new_tokens: int = 16) -> list[dict]:
-    """Evaluate one case for every method with one shared prefill; returns one row per method."""
+    """Evaluate one case for every method; returns one row per method (in ``methods`` order).
+
+    KV presses share one dense prefill; every sparse-prefill method runs its own prefill (see the module docstring).
+    """
     hf = _hf()
     device = next(model.parameters()).device
     ids = case.input_ids.to(device)
     mask = torch.ones_like(ids)
-    presses = dict(methods)
-    if presses.get("dense", None) is not None:
+    if methods.get("dense", None) is not None:
         raise ValueError("tasksieve.niah: the method name 'dense' is reserved for full KV (press None)")
+    prefills = {k: v for k, v in methods.items() if is_prefill_method(v)}
+    if prefills and hf.is_patched(model):
+        raise ValueError("tasksieve.niah: sparse-prefill methods patch the model themselves; unpatch it first")
+    presses = {k: v for k, v in methods.items() if not is_prefill_method(v)}
     if "dense" not in presses:
         presses = {"dense": None, **presses}
     eos = _eos_ids(model, tokenizer)
@@ -504,6 +531,7 @@ def run_case(model, tokenizer, case: Case, methods: Mapping[str, Any], max_new_t
             rows.append(
                 dict(
                     method=name,
+                    prefill_block_ratio=1.0,
                     length=case.length,
                     depth=case.depth,
                     key=case.key,
@@ -525,9 +553,59 @@ def run_case(model, tokenizer, case: Case, methods: Mapping[str, Any], max_new_t
                     seed=case.seed,
                     prefill_s=round(prefill_s, 3),
                     decode_s=round(decode_s, 3),
+                    sparse_prefill=False,
                 )
             )
     del caches
+    for name, fp in prefills.items():
+        with hf.patched(model, kv=None, prefill=fp):
+            t0 = time.perf_counter()
+            fp_last, fp_caches = hf.prefill_multi(model, ids, mask, {name: None})
+            fp_prefill_s = time.perf_counter() - t0
+            ratio = hf.last_info(model).get("prefill_block_ratio")
+        cache = fp_caches.pop(name)
+        fp_first = fp_last.reshape(-1, fp_last.shape[-1])[-1].float()
+        fp_bytes = cache_nbytes(cache)
+        with hf.patched(model, kv=None):  # decoding is dense attention
+            tf_cache = copy.deepcopy(cache)
+            ref = _teacher_force(model, tf_cache, fp_first, dense_tokens)
+            del tf_cache
+            t0 = time.perf_counter()
+            tokens, _ = _greedy(model, None, cache, fp_first, max_new_tokens, eos)
+            decode_s = time.perf_counter() - t0
+        del cache
+        kl, agree = kl_top1(dense_logits, ref)
+        answer = _decode(tokenizer, [t for t in tokens if t not in eos]).strip()
+        rows.append(
+            dict(
+                method=name,
+                prefill_block_ratio=float("nan") if ratio is None else float(ratio),
+                length=case.length,
+                depth=case.depth,
+                key=case.key,
+                answer=answer,
+                passed=passed(answer, case.key),
+                kl=float(kl.mean()),
+                kl_decode=float(kl[1:].mean()) if kl.numel() > 1 else 0.0,
+                top1=float(agree.double().mean()),
+                top1_decode=float(agree[1:].double().mean()) if agree.numel() > 1 else 1.0,
+                answer_tokens=len(dense_tokens),
+                kv_bytes=fp_bytes,
+                kv_bytes_dense=dense_bytes,
+                kv_kept_pct=100.0 * fp_bytes / dense_bytes if dense_bytes else float("nan"),
+                strategy="",
+                prompt_tokens=case.prompt_tokens,
+                context_tokens=case.context_tokens,
+                depth_actual=round(case.depth_actual, 4),
+                haystack=case.haystack,
+                seed=case.seed,
+                prefill_s=round(fp_prefill_s, 3),
+                decode_s=round(decode_s, 3),
+                sparse_prefill=True,
+            )
+        )
+    order = {name: i for i, name in enumerate(methods)}
+    rows.sort(key=lambda r: order[r["method"]])
     return rows
 
 
@@ -586,7 +664,10 @@ def summarize(rows: Sequence[Mapping]) -> str:
     if not rows:
         return "_no NIAH results_\n"
     lengths = sorted({int(r["length"]) for r in rows})
-    head = ["method", "pass", "KL", "KL dec", "top-1", "top-1 dec", "KV kept"] + [f"n={n}" for n in lengths]
+    sparse = any(r.get("sparse_prefill") for r in rows)
+    head = ["method", "pass", "KL", "KL dec", "top-1", "top-1 dec", "KV kept"]
+    head += ["blocks computed"] if sparse else []
+    head += [f"n={n}" for n in lengths]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for m in _methods_in_order(rows):
         rs = [r for r in rows if r["method"] == m]
@@ -604,11 +685,20 @@ def summarize(rows: Sequence[Mapping]) -> str:
             f"{100 * mean('top1_decode'):.1f}%",
             f"{mean('kv_kept_pct'):.1f}%",
         ]
+        if sparse:
+            cells.append(_ratio_pct(rs))
         for n in lengths:
             rn = [r for r in rs if int(r["length"]) == n]
             cells.append(f"{sum(bool(r['passed']) for r in rn)}/{len(rn)}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + NOTE + "\n"
+    return "\n".join(lines) + "\n\n" + NOTE + ("\n\n" + NOTE_PREFILL if sparse else "") + "\n"
+
+
+def _ratio_pct(rs: Sequence[Mapping]) -> str:
+    """Mean ``prefill_block_ratio`` of rows as a percentage ("-" when not recorded)."""
+    vals = [float(r.get("prefill_block_ratio", 1.0)) for r in rs]
+    vals = [v for v in vals if not math.isnan(v)]
+    return f"{100.0 * sum(vals) / len(vals):.1f}%" if vals else "-"
 
 
 def plot_heatmap(rows: Sequence[Mapping], path: str | os.PathLike, title: str | None = None) -> Path:
@@ -651,7 +741,8 @@ def plot_heatmap(rows: Sequence[Mapping], path: str | os.PathLike, title: str | 
             ax.set_ylabel("context tokens")
         rs = [r for r in rows if r["method"] == m]
         npass = sum(bool(r["passed"]) for r in rs)
-        ax.set_title(f"{m}\n{npass}/{len(rs)} pass", fontsize=9)
+        blocks = f", blocks {_ratio_pct(rs)}" if any(r.get("sparse_prefill") for r in rs) else ""
+        ax.set_title(f"{m}\n{npass}/{len(rs)} pass{blocks}", fontsize=9)
     fig.suptitle(title or "passkey retrieval (green pass / red fail; cell = KL(dense||method) over decode steps)",
                  fontsize=9)
     fig.tight_layout()
@@ -665,7 +756,7 @@ def plot_heatmap(rows: Sequence[Mapping], path: str | os.PathLike, title: str | 
 CSV_FIELDS = [
     "method", "length", "depth", "key", "answer", "passed", "kl", "kl_decode", "top1", "top1_decode",
     "answer_tokens", "kv_bytes", "kv_bytes_dense", "kv_kept_pct", "strategy", "prompt_tokens", "context_tokens",
-    "depth_actual", "haystack", "seed", "prefill_s", "decode_s",
+    "depth_actual", "haystack", "seed", "prefill_s", "decode_s", "prefill_block_ratio",
 ]  # fmt: skip
 
 

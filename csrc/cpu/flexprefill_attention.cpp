@@ -30,6 +30,7 @@
 #include <optional>
 #include <vector>
 
+#include "../checks/flexprefill_checks.h"
 #include "tasksieve/block_index.h"
 
 // With MKL (x86 torch wheels) the per-block GEMMs call its BLAS directly: at::cpu::mm_out costs
@@ -182,59 +183,29 @@ struct Args {
 
 Args check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& block_idx, const at::Tensor& block_cnt, int64_t block_size) {
-  TS_CHECK(q.dim() == 4, "q must be a 4-D tensor [B, Nq, H, D], got shape ", q.sizes());
-  TS_CHECK(k.dim() == 4, "k must be a 4-D tensor [B, Nk, Hk, D], got shape ", k.sizes());
-  TS_CHECK(v.dim() == 4, "v must be a 4-D tensor [B, Nk, Hk, D], got shape ", v.sizes());
+  checks::check_block_sparse_attention_ranks(q, k, v);
   TS_CHECK(q.device().is_cpu(), "q must be a CPU tensor here, got ", q.device());
-  for (const auto* t : {&k, &v, &block_idx, &block_cnt}) {
-    const char* name = t == &k ? "k" : t == &v ? "v" : t == &block_idx ? "block_idx" : "block_cnt";
-    TS_CHECK(t->device() == q.device(), name, " must be on the device of q (", q.device(),
-             "), got ", t->device());
-  }
-  const auto dt = q.scalar_type();
-  TS_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-           "q must be float32, float16 or bfloat16, got ", dt);
-  TS_CHECK(k.scalar_type() == dt, "k must have the dtype of q (", dt, "), got ", k.scalar_type());
-  TS_CHECK(v.scalar_type() == dt, "v must have the dtype of q (", dt, "), got ", v.scalar_type());
+  const checks::BlockSparseAttentionDims d = checks::check_block_sparse_attention_args(
+      q, k, v, block_idx, block_cnt, block_size,
+      [](at::ScalarType dt) {
+        TS_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+                 "q must be float32, float16 or bfloat16, got ", dt);
+      },
+      [](int64_t D) {
+        TS_CHECK(D >= 1 && D <= kMaxHeadDimCpu, "q head dim D must be in [1, 256], got ", D);
+      });
   Args a{};
-  a.B = q.size(0);
-  a.Nq = q.size(1);
-  a.H = q.size(2);
-  a.D = q.size(3);
-  a.Nk = k.size(1);
-  a.Hk = k.size(2);
-  TS_CHECK(k.size(0) == a.B, "k must have the batch size of q (", a.B, "), got ", k.size(0));
-  TS_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
-  TS_CHECK(a.D >= 1 && a.D <= kMaxHeadDimCpu, "q head dim D must be in [1, 256], got ", a.D);
-  TS_CHECK(k.size(3) == a.D, "k head dim must equal q head dim (", a.D, "), got ", k.size(3));
-  TS_CHECK(a.Hk >= 1 && a.H % a.Hk == 0, "k heads Hk must be >= 1 and divide the q heads H=",
-           a.H, ", got Hk=", a.Hk);
-  TS_CHECK(a.Nq <= a.Nk, "q length Nq must be <= the k length Nk=", a.Nk, ", got Nq=", a.Nq);
-  TS_CHECK(q.stride(3) == 1 || a.D == 1, "q must have a contiguous last dim, got strides ",
-           q.strides());
-  TS_CHECK(k.stride(3) == 1 || a.D == 1, "k must have a contiguous last dim, got strides ",
-           k.strides());
-  TS_CHECK(v.stride(3) == 1 || a.D == 1, "v must have a contiguous last dim, got strides ",
-           v.strides());
-  TS_CHECK(block_size == 16 || block_size == 32 || block_size == 64 || block_size == 128,
-           "block_size must be 16, 32, 64 or 128, got ", block_size);
+  a.B = d.B;
+  a.Nq = d.Nq;
+  a.H = d.H;
+  a.D = d.D;
+  a.Nk = d.Nk;
+  a.Hk = d.Hk;
   a.G = a.H / a.Hk;
   a.bs = block_size;
-  a.nbq = block::num_blocks(a.Nq, a.bs);
+  a.nbq = d.nbq;
   a.nbk = block::num_blocks(a.Nk, a.bs);
-  TS_CHECK(block_idx.scalar_type() == at::kInt, "block_idx must be int32, got ",
-           block_idx.scalar_type());
-  TS_CHECK(block_cnt.scalar_type() == at::kInt, "block_cnt must be int32, got ",
-           block_cnt.scalar_type());
-  TS_CHECK(block_idx.dim() == 4 && block_idx.size(0) == a.B && block_idx.size(1) == a.H &&
-               block_idx.size(2) == a.nbq,
-           "block_idx must have shape [B, H, nbq, max_k] = [", a.B, ", ", a.H, ", ", a.nbq,
-           ", max_k] (nbq = ceil(Nq / block_size)), got ", block_idx.sizes());
-  TS_CHECK(block_cnt.dim() == 3 && block_cnt.size(0) == a.B && block_cnt.size(1) == a.H &&
-               block_cnt.size(2) == a.nbq,
-           "block_cnt must have shape [B, H, nbq] = [", a.B, ", ", a.H, ", ", a.nbq, "], got ",
-           block_cnt.sizes());
-  a.max_k = block_idx.size(3);
+  a.max_k = d.max_k;
   return a;
 }
 

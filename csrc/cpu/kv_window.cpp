@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "../checks/kv_window_checks.h"
 #include "tasksieve/window_index.h"
 
 namespace tasksieve {
@@ -328,44 +329,20 @@ at::Tensor window_scores_cpu(const at::Tensor& q_obs, const at::Tensor& k, int64
                              c10::string_view reduce, std::optional<double> scale,
                              const std::optional<at::Tensor>& kv_start) {
   const char* op = "window_scores";
-  TS_CHECK(q_obs.dim() == 4, op, "q_obs must be a 4-D tensor [B, A, H, D], got shape ",
-           q_obs.sizes());
-  TS_CHECK(k.dim() == 4, op, "k must be a 4-D tensor [B, N, Hk, D], got shape ", k.sizes());
+  checks::check_window_scores_ranks(q_obs, k);
+  checks::check_window_scores_dtypes(q_obs, k);
   const auto dt = q_obs.scalar_type();
-  TS_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
-           "q_obs must be float32, float16 or bfloat16, got ", dt);
-  TS_CHECK(k.scalar_type() == dt, op, "k must have the dtype of q_obs (", dt, "), got ",
-           k.scalar_type());
   TS_CHECK(q_obs.device().is_cpu(), op, "q_obs must be a CPU tensor here, got ", q_obs.device());
-  TS_CHECK(k.device() == q_obs.device(), op, "k must be on the device of q_obs (", q_obs.device(),
-           "), got ", k.device());
-  const int64_t B = q_obs.size(0), A = q_obs.size(1), H = q_obs.size(2), D = q_obs.size(3);
-  const int64_t N = k.size(1), Hk = k.size(2);
-  TS_CHECK(k.size(0) == B, op, "k must have the batch size of q_obs (", B, "), got ", k.size(0));
-  TS_CHECK(D >= 1 && D <= 256, op, "q_obs head dim D must be in [1, 256], got ", D);
-  TS_CHECK(k.size(3) == D, op, "k head dim must equal q_obs head dim (", D, "), got ", k.size(3));
-  TS_CHECK(Hk >= 1 && H % Hk == 0, op, "k heads Hk must be >= 1 and divide the q_obs heads H=", H,
-           ", got Hk=", Hk);
-  TS_CHECK(q_obs.stride(3) == 1 || D == 1, op,
-           "q_obs must be contiguous in the last dim (stride 1), got stride ", q_obs.stride(3));
-  TS_CHECK(k.stride(3) == 1 || D == 1, op,
-           "k must be contiguous in the last dim (stride 1), got stride ", k.stride(3));
-  TS_CHECK(A >= 1 && A <= N, op, "q_obs length A must be in [1, N=", N,
-           "] (N = k.size(1)), got A=", A);
-  TS_CHECK(window >= 1, op, "window must be >= 1, got ", window);
+  checks::check_window_scores_same_device(q_obs, k);
+  const checks::WindowScoresDims dims =
+      checks::check_window_scores_args(q_obs, k, window, reduce, scale);
+  const int64_t B = dims.B, A = dims.A, H = dims.H, D = dims.D, N = dims.N, Hk = dims.Hk;
   const std::string red(reduce.data(), reduce.size());
-  TS_CHECK(red == "max" || red == "mean", op, "reduce must be 'max' or 'mean', got '", red, "'");
-  TS_CHECK(!scale.has_value() || std::isfinite(*scale), op, "scale must be finite, got ",
-           scale.value_or(0.0));
   const int32_t* start = nullptr;
   at::Tensor start_c;
   if (kv_start.has_value()) {
     const at::Tensor& ks = *kv_start;
-    TS_CHECK(ks.scalar_type() == at::kInt, op, "kv_start must be int32, got ", ks.scalar_type());
-    TS_CHECK(ks.dim() == 1 && ks.size(0) == B, op, "kv_start must have shape [B] = [", B,
-             "], got ", ks.sizes());
-    TS_CHECK(ks.device() == q_obs.device(), op, "kv_start must be on the device of q_obs (",
-             q_obs.device(), "), got ", ks.device());
+    checks::check_window_scores_kv_start(ks, q_obs, B);
     start_c = ks.contiguous();
     start = start_c.const_data_ptr<int32_t>();
     if (B > 0) {
@@ -445,34 +422,12 @@ at::Tensor select_windows_cpu(const at::Tensor& scores, int64_t keep, bool share
 // ---------------------------------------------------------------------------------------------
 void check_gather(const char* op, at::TensorList kv, const at::Tensor& idx, int64_t window,
                   int64_t tail, bool inplace) {
-  TS_CHECK(!kv.empty(), op,
-           "kv must be a non-empty list of tensors [B, Hk, N, D_i], got an empty list");
+  checks::check_gather_kv_not_empty(op, kv);
   const at::Tensor& ref = kv[0];
-  for (size_t i = 0; i < kv.size(); ++i) {
-    const at::Tensor& t = kv[i];
-    TS_CHECK(t.dim() == 4, op, "kv[", i, "] must be a 4-D tensor [B, Hk, N, D], got shape ",
-             t.sizes());
-    TS_CHECK(t.sizes().slice(0, 3) == ref.sizes().slice(0, 3), op, "kv[", i,
-             "] must have the [B, Hk, N] of kv[0] ", ref.sizes().slice(0, 3), ", got ",
-             t.sizes().slice(0, 3));
-    TS_CHECK(t.scalar_type() == ref.scalar_type(), op, "kv[", i, "] must have the dtype of kv[0] (",
-             ref.scalar_type(), "), got ", t.scalar_type());
-    TS_CHECK(t.device() == ref.device(), op, "kv[", i, "] must be on the device of kv[0] (",
-             ref.device(), "), got ", t.device());
-    TS_CHECK(t.stride(3) == 1 || t.size(3) <= 1, op, "kv[", i,
-             "] must be contiguous in the last dim (stride 1), got stride ", t.stride(3));
-  }
+  for (size_t i = 0; i < kv.size(); ++i) checks::check_gather_kv_entry(op, kv, i);
   TS_CHECK(ref.device().is_cpu(), op, "kv must hold CPU tensors here, got ", ref.device());
   const int64_t B = ref.size(0), Hk = ref.size(1), N = ref.size(2);
-  TS_CHECK(idx.dim() == 3, op, "idx must be a 3-D tensor [B, Hk, keep], got shape ", idx.sizes());
-  TS_CHECK(idx.scalar_type() == at::kInt, op, "idx must be int32, got ", idx.scalar_type());
-  TS_CHECK(idx.size(0) == B && idx.size(1) == Hk, op,
-           "idx must have shape [B, Hk, keep] with [B, Hk] = [", B, ", ", Hk, "], got ",
-           idx.sizes());
-  TS_CHECK(idx.device() == ref.device(), op, "idx must be on the device of kv (", ref.device(),
-           "), got ", idx.device());
-  TS_CHECK(window >= 1, op, "window must be >= 1, got ", window);
-  TS_CHECK(tail >= 0 && tail <= N, op, "tail must be in [0, N] = [0, ", N, "], got ", tail);
+  checks::check_gather_idx(op, ref, idx, window, tail);
   const int64_t keep = idx.size(2);
   const int32_t* ip = idx.const_data_ptr<int32_t>();
   const int64_t i0 = idx.stride(0), i1 = idx.stride(1), i2 = idx.stride(2);

@@ -21,6 +21,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../checks/flexprefill_checks.h"
 #include "tasksieve/block_index.h"
 #include "tasksieve/block_sparse_attention.cuh"
 
@@ -48,50 +49,19 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_idx,
     const at::Tensor& block_cnt, int64_t block_size, std::optional<double> scale_opt,
     bool causal) {
-  TS_CHECK(q.dim() == 4, "q must be a 4-D tensor [B, Nq, H, D], got shape ", q.sizes());
-  TS_CHECK(k.dim() == 4, "k must be a 4-D tensor [B, Nk, Hk, D], got shape ", k.sizes());
-  TS_CHECK(v.dim() == 4, "v must be a 4-D tensor [B, Nk, Hk, D], got shape ", v.sizes());
+  checks::check_block_sparse_attention_ranks(q, k, v);
   TS_CHECK(q.is_cuda(), "q must be a CUDA tensor here, got ", q.device());
-  TS_CHECK(k.device() == q.device(), "k must be on the device of q (", q.device(), "), got ",
-           k.device());
-  TS_CHECK(v.device() == q.device(), "v must be on the device of q (", q.device(), "), got ",
-           v.device());
-  TS_CHECK(block_idx.device() == q.device(), "block_idx must be on the device of q (",
-           q.device(), "), got ", block_idx.device());
-  TS_CHECK(block_cnt.device() == q.device(), "block_cnt must be on the device of q (",
-           q.device(), "), got ", block_cnt.device());
+  const checks::BlockSparseAttentionDims d = checks::check_block_sparse_attention_args(
+      q, k, v, block_idx, block_cnt, block_size,
+      [](at::ScalarType dt) {
+        TS_CHECK(dt == at::kHalf || dt == at::kBFloat16,
+                 "q must be float16 or bfloat16 on CUDA, got ", dt);
+      },
+      [](int64_t D) {
+        TS_CHECK(D == 64 || D == 128, "q head dim D must be 64 or 128 on CUDA, got ", D);
+      });
   const auto dt = q.scalar_type();
-  TS_CHECK(dt == at::kHalf || dt == at::kBFloat16,
-           "q must be float16 or bfloat16 on CUDA, got ", dt);
-  TS_CHECK(k.scalar_type() == dt, "k must have the dtype of q (", dt, "), got ", k.scalar_type());
-  TS_CHECK(v.scalar_type() == dt, "v must have the dtype of q (", dt, "), got ", v.scalar_type());
-  const int64_t B = q.size(0), Nq = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Nk = k.size(1), Hk = k.size(2);
-  TS_CHECK(k.size(0) == B, "k must have the batch size of q (", B, "), got ", k.size(0));
-  TS_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
-  TS_CHECK(D == 64 || D == 128, "q head dim D must be 64 or 128 on CUDA, got ", D);
-  TS_CHECK(k.size(3) == D, "k head dim must equal q head dim (", D, "), got ", k.size(3));
-  TS_CHECK(Hk >= 1 && H % Hk == 0, "k heads Hk must be >= 1 and divide the q heads H=", H,
-           ", got Hk=", Hk);
-  TS_CHECK(Nq <= Nk, "q length Nq must be <= the k length Nk=", Nk, ", got Nq=", Nq);
-  TS_CHECK(q.stride(3) == 1, "q must have a contiguous last dim, got strides ", q.strides());
-  TS_CHECK(k.stride(3) == 1, "k must have a contiguous last dim, got strides ", k.strides());
-  TS_CHECK(v.stride(3) == 1, "v must have a contiguous last dim, got strides ", v.strides());
-  TS_CHECK(block_size == 16 || block_size == 32 || block_size == 64 || block_size == 128,
-           "block_size must be 16, 32, 64 or 128, got ", block_size);
-  const int64_t nbq = block::num_blocks(Nq, block_size);
-  TS_CHECK(block_idx.scalar_type() == at::kInt, "block_idx must be int32, got ",
-           block_idx.scalar_type());
-  TS_CHECK(block_cnt.scalar_type() == at::kInt, "block_cnt must be int32, got ",
-           block_cnt.scalar_type());
-  TS_CHECK(block_idx.dim() == 4 && block_idx.size(0) == B && block_idx.size(1) == H &&
-               block_idx.size(2) == nbq,
-           "block_idx must have shape [B, H, nbq, max_k] = [", B, ", ", H, ", ", nbq,
-           ", max_k] (nbq = ceil(Nq / block_size)), got ", block_idx.sizes());
-  TS_CHECK(block_cnt.dim() == 3 && block_cnt.size(0) == B && block_cnt.size(1) == H &&
-               block_cnt.size(2) == nbq,
-           "block_cnt must have shape [B, H, nbq] = [", B, ", ", H, ", ", nbq, "], got ",
-           block_cnt.sizes());
+  const int64_t B = d.B, Nq = d.Nq, H = d.H, D = d.D;
   const double scale = scale_opt.has_value() ? *scale_opt : 1.0 / std::sqrt(double(D));
   TS_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
 

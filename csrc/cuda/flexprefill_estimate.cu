@@ -20,6 +20,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../checks/flexprefill_checks.h"
 #include "tasksieve/flex_estimate.cuh"
 #include "tasksieve/flex_index.h"
 #include "tasksieve/js_divergence.cuh"
@@ -27,30 +28,13 @@
 namespace tasksieve {
 namespace {
 
-constexpr int64_t kMaxHeadDim = 256;
-
 at::Tensor js_divergence_cuda(const at::Tensor& p, const at::Tensor& q, double eps) {
   TORCH_CHECK(p.is_cuda(), "tasksieve.js_divergence: p must be a CUDA tensor here, got ",
               p.device());
-  TORCH_CHECK(q.device() == p.device(), "tasksieve.js_divergence: q must be on the device of p (",
-              p.device(), "), got ", q.device());
+  const checks::JsDivergenceArgs a = checks::check_js_divergence_args(p, q, eps);
   const auto dt = p.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "tasksieve.js_divergence: p must be a float tensor (float32, float64, float16 or "
-              "bfloat16), got ", dt);
-  TORCH_CHECK(q.scalar_type() == dt, "tasksieve.js_divergence: q must have the dtype of p (", dt,
-              "), got ", q.scalar_type());
-  TORCH_CHECK(p.dim() >= 1, "tasksieve.js_divergence: p must have at least 1 dim [..., n], got "
-              "a 0-d tensor");
-  TORCH_CHECK(q.sizes() == p.sizes(), "tasksieve.js_divergence: q must have the shape of p (",
-              p.sizes(), "), got ", q.sizes());
-  const int64_t n = p.size(-1);
-  TORCH_CHECK(n >= 1, "tasksieve.js_divergence: the last dim n of p must be >= 1, got ", n);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0,
-              "tasksieve.js_divergence: eps must be finite and > 0, got ", eps);
-  const float feps = static_cast<float>(eps);
-  TORCH_CHECK(feps > 0, "tasksieve.js_divergence: eps must be representable in float32 (> 0), "
-              "got ", eps);
+  const int64_t n = a.n;
+  const float feps = a.eps;
   c10::cuda::CUDAGuard guard(p.device());
   auto out_sizes = p.sizes().vec();
   out_sizes.pop_back();
@@ -99,47 +83,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flex_estimate_cuda(const at::Tens
                                                                   const at::Tensor& k,
                                                                   int64_t block_size,
                                                                   std::optional<double> scale) {
-  TORCH_CHECK(q.dim() == 4,
-              "tasksieve.flex_estimate: q must be a 4-D tensor [B, Nq, H, D], got shape ",
-              q.sizes());
-  TORCH_CHECK(k.dim() == 4,
-              "tasksieve.flex_estimate: k must be a 4-D tensor [B, Nk, Hk, D], got shape ",
-              k.sizes());
+  checks::check_flex_estimate_ranks(q, k);
   TORCH_CHECK(q.is_cuda(), "tasksieve.flex_estimate: q must be a CUDA tensor here, got ",
               q.device());
-  TORCH_CHECK(k.device() == q.device(), "tasksieve.flex_estimate: k must be on the device of q (",
-              q.device(), "), got ", k.device());
+  const checks::FlexEstimateDims dims =
+      checks::check_flex_estimate_args(q, k, block_size, scale, [](int64_t bs) {
+        TORCH_CHECK(flex_estimate_detail::SupportedBlockSize(bs),
+                    "tasksieve.flex_estimate: block_size must be 16, 32, 64 or 128 on CUDA (the "
+                    "CPU op takes any block_size >= 1), got ", bs);
+      });
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "tasksieve.flex_estimate: q must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(k.scalar_type() == dt, "tasksieve.flex_estimate: k must have the dtype of q (", dt,
-              "), got ", k.scalar_type());
-  const int64_t B = q.size(0), Nq = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Nk = k.size(1), Hk = k.size(2);
-  TORCH_CHECK(k.size(0) == B, "tasksieve.flex_estimate: k must have the batch size of q (", B,
-              "), got ", k.size(0));
-  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim,
-              "tasksieve.flex_estimate: q head dim D must be in [1, 256], got ", D);
-  TORCH_CHECK(k.size(3) == D, "tasksieve.flex_estimate: k head dim must equal q head dim (", D,
-              "), got ", k.size(3));
-  TORCH_CHECK(Hk >= 1 && H % Hk == 0,
-              "tasksieve.flex_estimate: k heads Hk must be >= 1 and divide the q heads H=", H,
-              ", got Hk=", Hk);
-  TORCH_CHECK(q.stride(3) == 1 || D == 1,
-              "tasksieve.flex_estimate: q must be contiguous in the last dim (stride 1), got "
-              "stride ", q.stride(3));
-  TORCH_CHECK(k.stride(3) == 1 || D == 1,
-              "tasksieve.flex_estimate: k must be contiguous in the last dim (stride 1), got "
-              "stride ", k.stride(3));
-  TORCH_CHECK(Nq <= Nk, "tasksieve.flex_estimate: q length Nq must be <= the k length Nk=", Nk,
-              " (queries are the last Nq positions), got Nq=", Nq);
-  TORCH_CHECK(block_size >= 1, "tasksieve.flex_estimate: block_size must be >= 1, got ",
-              block_size);
-  TORCH_CHECK(flex_estimate_detail::SupportedBlockSize(block_size),
-              "tasksieve.flex_estimate: block_size must be 16, 32, 64 or 128 on CUDA (the CPU "
-              "op takes any block_size >= 1), got ", block_size);
-  TORCH_CHECK(!scale.has_value() || std::isfinite(*scale),
-              "tasksieve.flex_estimate: scale must be finite, got ", scale.value_or(0.0));
+  const int64_t B = dims.B, Nq = dims.Nq, H = dims.H, D = dims.D, Nk = dims.Nk, Hk = dims.Hk;
 
   c10::cuda::CUDAGuard guard(q.device());
   const int64_t nb = flex::num_blocks(Nk, block_size);

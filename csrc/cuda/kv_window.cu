@@ -28,6 +28,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../checks/kv_window_checks.h"
 #include "tasksieve/gather_windows.cuh"
 #include "tasksieve/select_windows.cuh"
 #include "tasksieve/window_index.h"
@@ -35,8 +36,6 @@
 
 namespace tasksieve {
 namespace {
-
-constexpr int64_t kMaxHeadDim = 256;
 
 template <typename T>
 cudaError_t launch_window_scores(const at::Tensor& q, const at::Tensor& k, const int32_t* kv_start,
@@ -52,58 +51,19 @@ cudaError_t launch_window_scores(const at::Tensor& q, const at::Tensor& k, const
 at::Tensor window_scores_cuda(const at::Tensor& q_obs, const at::Tensor& k, int64_t window,
                               c10::string_view reduce, std::optional<double> scale,
                               const std::optional<at::Tensor>& kv_start) {
-  TORCH_CHECK(q_obs.dim() == 4,
-              "tasksieve.window_scores: q_obs must be a 4-D tensor [B, A, H, D], got shape ",
-              q_obs.sizes());
-  TORCH_CHECK(k.dim() == 4,
-              "tasksieve.window_scores: k must be a 4-D tensor [B, N, Hk, D], got shape ",
-              k.sizes());
+  checks::check_window_scores_ranks(q_obs, k);
   TORCH_CHECK(q_obs.is_cuda(), "tasksieve.window_scores: q_obs must be a CUDA tensor here, got ",
               q_obs.device());
-  TORCH_CHECK(k.device() == q_obs.device(),
-              "tasksieve.window_scores: k must be on the device of q_obs (", q_obs.device(),
-              "), got ", k.device());
+  checks::check_window_scores_same_device(q_obs, k);
+  checks::check_window_scores_dtypes(q_obs, k);
   const auto dt = q_obs.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "tasksieve.window_scores: q_obs must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(k.scalar_type() == dt, "tasksieve.window_scores: k must have the dtype of q_obs (",
-              dt, "), got ", k.scalar_type());
-  const int64_t B = q_obs.size(0), A = q_obs.size(1), H = q_obs.size(2), D = q_obs.size(3);
-  const int64_t N = k.size(1), Hk = k.size(2);
-  TORCH_CHECK(k.size(0) == B, "tasksieve.window_scores: k must have the batch size of q_obs (",
-              B, "), got ", k.size(0));
-  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim,
-              "tasksieve.window_scores: q_obs head dim D must be in [1, 256], got ", D);
-  TORCH_CHECK(k.size(3) == D, "tasksieve.window_scores: k head dim must equal q_obs head dim (",
-              D, "), got ", k.size(3));
-  TORCH_CHECK(Hk >= 1 && H % Hk == 0,
-              "tasksieve.window_scores: k heads Hk must be >= 1 and divide the q_obs heads H=", H,
-              ", got Hk=", Hk);
-  TORCH_CHECK(q_obs.stride(3) == 1 || D == 1,
-              "tasksieve.window_scores: q_obs must be contiguous in the last dim (stride 1), got "
-              "stride ", q_obs.stride(3));
-  TORCH_CHECK(k.stride(3) == 1 || D == 1,
-              "tasksieve.window_scores: k must be contiguous in the last dim (stride 1), got "
-              "stride ", k.stride(3));
-  TORCH_CHECK(A >= 1 && A <= N, "tasksieve.window_scores: q_obs length A must be in [1, N=", N,
-              "] (N = k.size(1)), got A=", A);
-  TORCH_CHECK(window >= 1, "tasksieve.window_scores: window must be >= 1, got ", window);
-  TORCH_CHECK(reduce == "max" || reduce == "mean",
-              "tasksieve.window_scores: reduce must be 'max' or 'mean', got '",
-              std::string_view(reduce.data(), reduce.size()), "'");
-  TORCH_CHECK(!scale.has_value() || std::isfinite(*scale),
-              "tasksieve.window_scores: scale must be finite, got ", scale.value_or(0.0));
+  const checks::WindowScoresDims dims =
+      checks::check_window_scores_args(q_obs, k, window, reduce, scale);
+  const int64_t B = dims.B, A = dims.A, H = dims.H, D = dims.D, N = dims.N, Hk = dims.Hk;
   at::Tensor start;
   if (kv_start.has_value()) {
     const at::Tensor& ks = *kv_start;
-    TORCH_CHECK(ks.scalar_type() == at::kInt,
-                "tasksieve.window_scores: kv_start must be int32, got ", ks.scalar_type());
-    TORCH_CHECK(ks.dim() == 1 && ks.size(0) == B,
-                "tasksieve.window_scores: kv_start must have shape [B] = [", B, "], got ",
-                ks.sizes());
-    TORCH_CHECK(ks.device() == q_obs.device(),
-                "tasksieve.window_scores: kv_start must be on the device of q_obs (",
-                q_obs.device(), "), got ", ks.device());
+    checks::check_window_scores_kv_start(ks, q_obs, B);
     start = ks.contiguous();
   }
 
@@ -163,22 +123,11 @@ at::Tensor select_windows_cuda(const at::Tensor& scores, int64_t keep, bool shar
 // Shared checks of gather_windows / gather_windows_ (no idx values: they live on the device).
 void check_gather(const char* op, at::TensorList kv, const at::Tensor& idx, int64_t window,
                   int64_t tail, bool inplace) {
-  TORCH_CHECK(!kv.empty(), "tasksieve.", op,
-              ": kv must be a non-empty list of tensors [B, Hk, N, D_i], got an empty list");
+  checks::check_gather_kv_not_empty(op, kv);
   const at::Tensor& ref = kv[0];
   for (size_t i = 0; i < kv.size(); ++i) {
     const at::Tensor& t = kv[i];
-    TORCH_CHECK(t.dim() == 4, "tasksieve.", op, ": kv[", i,
-                "] must be a 4-D tensor [B, Hk, N, D], got shape ", t.sizes());
-    TORCH_CHECK(t.size(0) == ref.size(0) && t.size(1) == ref.size(1) && t.size(2) == ref.size(2),
-                "tasksieve.", op, ": kv[", i, "] must have the [B, Hk, N] of kv[0] ",
-                ref.sizes().slice(0, 3), ", got ", t.sizes().slice(0, 3));
-    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "tasksieve.", op, ": kv[", i,
-                "] must have the dtype of kv[0] (", ref.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK(t.device() == ref.device(), "tasksieve.", op, ": kv[", i,
-                "] must be on the device of kv[0] (", ref.device(), "), got ", t.device());
-    TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, "tasksieve.", op, ": kv[", i,
-                "] must be contiguous in the last dim (stride 1), got stride ", t.stride(3));
+    checks::check_gather_kv_entry(op, kv, i);
     if (inplace) {
       at::assert_no_internal_overlap(t);
       for (size_t j = 0; j < i; ++j)  // the kernel compacts each tensor independently
@@ -190,20 +139,9 @@ void check_gather(const char* op, at::TensorList kv, const at::Tensor& idx, int6
   }
   TORCH_CHECK(ref.is_cuda(), "tasksieve.", op, ": kv must hold CUDA tensors here, got ",
               ref.device());
-  const int64_t B = ref.size(0), Hk = ref.size(1), N = ref.size(2);
-  TORCH_CHECK(idx.dim() == 3, "tasksieve.", op,
-              ": idx must be a 3-D tensor [B, Hk, keep], got shape ", idx.sizes());
-  TORCH_CHECK(idx.scalar_type() == at::kInt, "tasksieve.", op, ": idx must be int32, got ",
-              idx.scalar_type());
-  TORCH_CHECK(idx.size(0) == B && idx.size(1) == Hk, "tasksieve.", op,
-              ": idx must have shape [B, Hk, keep] with [B, Hk] = [", B, ", ", Hk, "], got ",
-              idx.sizes());
-  TORCH_CHECK(idx.device() == ref.device(), "tasksieve.", op, ": idx must be on the device of kv (",
-              ref.device(), "), got ", idx.device());
-  TORCH_CHECK(window >= 1, "tasksieve.", op, ": window must be >= 1, got ", window);
-  TORCH_CHECK(tail >= 0 && tail <= N, "tasksieve.", op, ": tail must be in [0, N] = [0, ", N,
-              "], got ", tail);
+  checks::check_gather_idx(op, ref, idx, window, tail);
   if (inplace) {
+    const int64_t N = ref.size(2);
     const int64_t keep = idx.size(2);
     TORCH_CHECK(keep <= (N - tail) / window, "tasksieve.", op,
                 ": keep*window + tail must be <= N for the in-place gather (keep=", keep,

@@ -1,0 +1,275 @@
+// Argument checks of the FlexPrefill torch glue (schemas in csrc/ops.cpp), shared by the CPU
+// (csrc/cpu/*.cpp) and CUDA (csrc/cuda/*.cu) bindings so both reject the same inputs with the
+// same messages. Torch-dependent, hence not under csrc/include/ (torch-free kernel headers).
+//
+// Each caller keeps its own device-kind check (is_cpu / is_cuda, "must be a CPU/CUDA tensor
+// here") and runs it at the point noted on each function, so the order of the checks, and so
+// the first error reported, is the same as before the checks were shared.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#include "tasksieve/block_index.h"
+#include "tasksieve/flex_index.h"
+
+namespace tasksieve {
+namespace checks {
+
+// ---------------------------------------------------------------------------------------------
+// select_blocks: vertical, slash [B, H, nb], qa_map [B, H, nbq, nb] (fp32), is_query_aware
+// bool [B, H]. Call after the device-kind check of vertical.
+// ---------------------------------------------------------------------------------------------
+
+struct SelectBlocksDims {
+  int64_t B, H, nb, nbq;
+};
+
+inline SelectBlocksDims check_select_blocks_args(const at::Tensor& vertical,
+                                                 const at::Tensor& slash,
+                                                 const at::Tensor& qa_map,
+                                                 const at::Tensor& is_query_aware, int64_t q_len,
+                                                 int64_t kv_len, int64_t block_size,
+                                                 double gamma, int64_t min_blocks,
+                                                 int64_t max_blocks) {
+  TORCH_CHECK(slash.device() == vertical.device(),
+              "tasksieve.select_blocks: slash must be on the device of vertical (",
+              vertical.device(), "), got ", slash.device());
+  TORCH_CHECK(qa_map.device() == vertical.device(),
+              "tasksieve.select_blocks: qa_map must be on the device of vertical (",
+              vertical.device(), "), got ", qa_map.device());
+  TORCH_CHECK(is_query_aware.device() == vertical.device(),
+              "tasksieve.select_blocks: is_query_aware must be on the device of vertical (",
+              vertical.device(), "), got ", is_query_aware.device());
+  TORCH_CHECK(vertical.scalar_type() == at::kFloat,
+              "tasksieve.select_blocks: vertical must be float32, got ", vertical.scalar_type());
+  TORCH_CHECK(slash.scalar_type() == at::kFloat,
+              "tasksieve.select_blocks: slash must be float32, got ", slash.scalar_type());
+  TORCH_CHECK(qa_map.scalar_type() == at::kFloat,
+              "tasksieve.select_blocks: qa_map must be float32, got ", qa_map.scalar_type());
+  TORCH_CHECK(is_query_aware.scalar_type() == at::kBool,
+              "tasksieve.select_blocks: is_query_aware must be bool, got ",
+              is_query_aware.scalar_type());
+  TORCH_CHECK(block_size >= 1, "tasksieve.select_blocks: block_size must be >= 1, got ",
+              block_size);
+  TORCH_CHECK(q_len >= 0 && q_len <= kv_len,
+              "tasksieve.select_blocks: q_len must be in [0, kv_len=", kv_len,
+              "] (queries are the last q_len positions), got q_len=", q_len);
+  TORCH_CHECK(std::isfinite(gamma) && gamma > 0.0 && gamma <= 1.0,
+              "tasksieve.select_blocks: gamma must be in (0, 1], got ", gamma);
+  TORCH_CHECK(min_blocks >= 0, "tasksieve.select_blocks: min_blocks must be >= 0, got ",
+              min_blocks);
+  TORCH_CHECK(max_blocks >= min_blocks,
+              "tasksieve.select_blocks: max_blocks must be >= min_blocks=", min_blocks, ", got ",
+              max_blocks);
+  const int64_t nb = flex::num_blocks(kv_len, block_size);
+  const int64_t nbq = flex::num_blocks(q_len, block_size);
+  TORCH_CHECK(vertical.dim() == 3 && vertical.size(2) == nb,
+              "tasksieve.select_blocks: vertical must have shape [B, H, nb] with nb = "
+              "ceil(kv_len / block_size) = ", nb, ", got ", vertical.sizes());
+  const int64_t B = vertical.size(0), H = vertical.size(1);
+  TORCH_CHECK(slash.sizes() == vertical.sizes(),
+              "tasksieve.select_blocks: slash must have the shape of vertical (",
+              vertical.sizes(), "), got ", slash.sizes());
+  TORCH_CHECK(qa_map.dim() == 4 && qa_map.size(0) == B && qa_map.size(1) == H &&
+                  qa_map.size(2) == nbq && qa_map.size(3) == nb,
+              "tasksieve.select_blocks: qa_map must have shape [B, H, nbq, nb] = [", B, ", ", H,
+              ", ", nbq, ", ", nb, "] (nbq = ceil(q_len / block_size)), got ", qa_map.sizes());
+  TORCH_CHECK(is_query_aware.dim() == 2 && is_query_aware.size(0) == B &&
+                  is_query_aware.size(1) == H,
+              "tasksieve.select_blocks: is_query_aware must have shape [B, H] = [", B, ", ", H,
+              "], got ", is_query_aware.sizes());
+  TORCH_CHECK(nbq * nb <= static_cast<int64_t>(UINT32_MAX),
+              "tasksieve.select_blocks: nbq * nb must be < 2^32, got ", nbq * nb);
+  return {B, H, nb, nbq};
+}
+
+// ---------------------------------------------------------------------------------------------
+// js_divergence: p, q [..., n] (fp32/fp64/fp16/bf16). Call after the device-kind check of p.
+// Returns n and eps as float32.
+// ---------------------------------------------------------------------------------------------
+
+struct JsDivergenceArgs {
+  int64_t n;
+  float eps;
+};
+
+inline JsDivergenceArgs check_js_divergence_args(const at::Tensor& p, const at::Tensor& q,
+                                                 double eps) {
+  TORCH_CHECK(q.device() == p.device(), "tasksieve.js_divergence: q must be on the device of p (",
+              p.device(), "), got ", q.device());
+  const auto dt = p.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "tasksieve.js_divergence: p must be a float tensor (float32, float64, float16 or "
+              "bfloat16), got ", dt);
+  TORCH_CHECK(q.scalar_type() == dt, "tasksieve.js_divergence: q must have the dtype of p (", dt,
+              "), got ", q.scalar_type());
+  TORCH_CHECK(p.dim() >= 1, "tasksieve.js_divergence: p must have at least 1 dim [..., n], got "
+              "a 0-d tensor");
+  TORCH_CHECK(q.sizes() == p.sizes(), "tasksieve.js_divergence: q must have the shape of p (",
+              p.sizes(), "), got ", q.sizes());
+  const int64_t n = p.size(-1);
+  TORCH_CHECK(n >= 1, "tasksieve.js_divergence: the last dim n of p must be >= 1, got ", n);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0,
+              "tasksieve.js_divergence: eps must be finite and > 0, got ", eps);
+  const float feps = static_cast<float>(eps);
+  TORCH_CHECK(feps > 0, "tasksieve.js_divergence: eps must be representable in float32 (> 0), "
+              "got ", eps);
+  return {n, feps};
+}
+
+// ---------------------------------------------------------------------------------------------
+// flex_estimate: q [B, Nq, H, D], k [B, Nk, Hk, D] (fp32/fp16/bf16). Order of the checks:
+//   check_flex_estimate_ranks(q, k);        // q, k are 4-D
+//   <device-kind check of q>;
+//   check_flex_estimate_args(q, k, block_size, scale, extra_block_size_check);
+// extra_block_size_check(block_size) runs after "block_size >= 1" and before the scale check
+// (the CUDA op restricts block_size further; the CPU op passes nothing).
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kFlexEstimateMaxHeadDim = 256;
+
+inline void check_flex_estimate_ranks(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.dim() == 4,
+              "tasksieve.flex_estimate: q must be a 4-D tensor [B, Nq, H, D], got shape ",
+              q.sizes());
+  TORCH_CHECK(k.dim() == 4,
+              "tasksieve.flex_estimate: k must be a 4-D tensor [B, Nk, Hk, D], got shape ",
+              k.sizes());
+}
+
+struct FlexEstimateDims {
+  int64_t B, Nq, H, D, Nk, Hk;
+};
+
+template <typename ExtraBlockSizeCheck>
+FlexEstimateDims check_flex_estimate_args(const at::Tensor& q, const at::Tensor& k,
+                                          int64_t block_size, std::optional<double> scale,
+                                          ExtraBlockSizeCheck&& extra_block_size_check) {
+  TORCH_CHECK(k.device() == q.device(), "tasksieve.flex_estimate: k must be on the device of q (",
+              q.device(), "), got ", k.device());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "tasksieve.flex_estimate: q must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt, "tasksieve.flex_estimate: k must have the dtype of q (", dt,
+              "), got ", k.scalar_type());
+  const int64_t B = q.size(0), Nq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Nk = k.size(1), Hk = k.size(2);
+  TORCH_CHECK(k.size(0) == B, "tasksieve.flex_estimate: k must have the batch size of q (", B,
+              "), got ", k.size(0));
+  TORCH_CHECK(D >= 1 && D <= kFlexEstimateMaxHeadDim,
+              "tasksieve.flex_estimate: q head dim D must be in [1, 256], got ", D);
+  TORCH_CHECK(k.size(3) == D, "tasksieve.flex_estimate: k head dim must equal q head dim (", D,
+              "), got ", k.size(3));
+  TORCH_CHECK(Hk >= 1 && H % Hk == 0,
+              "tasksieve.flex_estimate: k heads Hk must be >= 1 and divide the q heads H=", H,
+              ", got Hk=", Hk);
+  TORCH_CHECK(q.stride(3) == 1 || D == 1,
+              "tasksieve.flex_estimate: q must be contiguous in the last dim (stride 1), got "
+              "stride ", q.stride(3));
+  TORCH_CHECK(k.stride(3) == 1 || D == 1,
+              "tasksieve.flex_estimate: k must be contiguous in the last dim (stride 1), got "
+              "stride ", k.stride(3));
+  TORCH_CHECK(Nq <= Nk, "tasksieve.flex_estimate: q length Nq must be <= the k length Nk=", Nk,
+              " (queries are the last Nq positions), got Nq=", Nq);
+  TORCH_CHECK(block_size >= 1, "tasksieve.flex_estimate: block_size must be >= 1, got ",
+              block_size);
+  extra_block_size_check(block_size);
+  TORCH_CHECK(!scale.has_value() || std::isfinite(*scale),
+              "tasksieve.flex_estimate: scale must be finite, got ", scale.value_or(0.0));
+  return {B, Nq, H, D, Nk, Hk};
+}
+
+inline FlexEstimateDims check_flex_estimate_args(const at::Tensor& q, const at::Tensor& k,
+                                                 int64_t block_size,
+                                                 std::optional<double> scale) {
+  return check_flex_estimate_args(q, k, block_size, scale, [](int64_t) {});
+}
+
+// ---------------------------------------------------------------------------------------------
+// block_sparse_attention: q [B, Nq, H, D], k/v [B, Nk, Hk, D], block_idx int32 [B, H, nbq,
+// max_k], block_cnt int32 [B, H, nbq]. Order of the checks:
+//   check_block_sparse_attention_ranks(q, k, v);   // q, k, v are 4-D
+//   <device-kind check of q>;
+//   check_block_sparse_attention_args(q, k, v, block_idx, block_cnt, block_size,
+//                                     check_q_dtype, check_head_dim);
+// check_q_dtype(dt) and check_head_dim(D) hold the checks whose limits differ between the CPU
+// and the CUDA op; they run where those ops always ran them. Values inside block_idx /
+// block_cnt and the scale are not checked here.
+// ---------------------------------------------------------------------------------------------
+
+#define TS_BSA_CHECK(cond, ...) \
+  TORCH_CHECK(cond, "tasksieve.block_sparse_attention: ", __VA_ARGS__)
+
+inline void check_block_sparse_attention_ranks(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v) {
+  TS_BSA_CHECK(q.dim() == 4, "q must be a 4-D tensor [B, Nq, H, D], got shape ", q.sizes());
+  TS_BSA_CHECK(k.dim() == 4, "k must be a 4-D tensor [B, Nk, Hk, D], got shape ", k.sizes());
+  TS_BSA_CHECK(v.dim() == 4, "v must be a 4-D tensor [B, Nk, Hk, D], got shape ", v.sizes());
+}
+
+struct BlockSparseAttentionDims {
+  int64_t B, Nq, Nk, H, Hk, D, nbq, max_k;
+};
+
+template <typename QDtypeCheck, typename HeadDimCheck>
+BlockSparseAttentionDims check_block_sparse_attention_args(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_idx,
+    const at::Tensor& block_cnt, int64_t block_size, QDtypeCheck&& check_q_dtype,
+    HeadDimCheck&& check_head_dim) {
+  TS_BSA_CHECK(k.device() == q.device(), "k must be on the device of q (", q.device(), "), got ",
+               k.device());
+  TS_BSA_CHECK(v.device() == q.device(), "v must be on the device of q (", q.device(), "), got ",
+               v.device());
+  TS_BSA_CHECK(block_idx.device() == q.device(), "block_idx must be on the device of q (",
+               q.device(), "), got ", block_idx.device());
+  TS_BSA_CHECK(block_cnt.device() == q.device(), "block_cnt must be on the device of q (",
+               q.device(), "), got ", block_cnt.device());
+  const auto dt = q.scalar_type();
+  check_q_dtype(dt);
+  TS_BSA_CHECK(k.scalar_type() == dt, "k must have the dtype of q (", dt, "), got ",
+               k.scalar_type());
+  TS_BSA_CHECK(v.scalar_type() == dt, "v must have the dtype of q (", dt, "), got ",
+               v.scalar_type());
+  const int64_t B = q.size(0), Nq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Nk = k.size(1), Hk = k.size(2);
+  TS_BSA_CHECK(k.size(0) == B, "k must have the batch size of q (", B, "), got ", k.size(0));
+  TS_BSA_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ",
+               v.sizes());
+  check_head_dim(D);
+  TS_BSA_CHECK(k.size(3) == D, "k head dim must equal q head dim (", D, "), got ", k.size(3));
+  TS_BSA_CHECK(Hk >= 1 && H % Hk == 0, "k heads Hk must be >= 1 and divide the q heads H=", H,
+               ", got Hk=", Hk);
+  TS_BSA_CHECK(Nq <= Nk, "q length Nq must be <= the k length Nk=", Nk, ", got Nq=", Nq);
+  TS_BSA_CHECK(q.stride(3) == 1 || D == 1, "q must have a contiguous last dim, got strides ",
+               q.strides());
+  TS_BSA_CHECK(k.stride(3) == 1 || D == 1, "k must have a contiguous last dim, got strides ",
+               k.strides());
+  TS_BSA_CHECK(v.stride(3) == 1 || D == 1, "v must have a contiguous last dim, got strides ",
+               v.strides());
+  TS_BSA_CHECK(block_size == 16 || block_size == 32 || block_size == 64 || block_size == 128,
+               "block_size must be 16, 32, 64 or 128, got ", block_size);
+  const int64_t nbq = block::num_blocks(Nq, block_size);
+  TS_BSA_CHECK(block_idx.scalar_type() == at::kInt, "block_idx must be int32, got ",
+               block_idx.scalar_type());
+  TS_BSA_CHECK(block_cnt.scalar_type() == at::kInt, "block_cnt must be int32, got ",
+               block_cnt.scalar_type());
+  TS_BSA_CHECK(block_idx.dim() == 4 && block_idx.size(0) == B && block_idx.size(1) == H &&
+                   block_idx.size(2) == nbq,
+               "block_idx must have shape [B, H, nbq, max_k] = [", B, ", ", H, ", ", nbq,
+               ", max_k] (nbq = ceil(Nq / block_size)), got ", block_idx.sizes());
+  TS_BSA_CHECK(block_cnt.dim() == 3 && block_cnt.size(0) == B && block_cnt.size(1) == H &&
+                   block_cnt.size(2) == nbq,
+               "block_cnt must have shape [B, H, nbq] = [", B, ", ", H, ", ", nbq, "], got ",
+               block_cnt.sizes());
+  return {B, Nq, Nk, H, Hk, D, nbq, block_idx.size(3)};
+}
+
+#undef TS_BSA_CHECK
+
+}  // namespace checks
+}  // namespace tasksieve

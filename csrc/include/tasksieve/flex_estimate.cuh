@@ -13,8 +13,9 @@
 //   slash[t]    = (1/m) sum_r sum_{j: (p_r - j) / bs == t} A[r, j]   t = 0: main diagonal (pass 2)
 //   estimate[c] = softmax_c(scale * qbar . kbar_c), qbar = mean_r q_rep[r], kbar_c = mean of the
 //                 real keys of block c (no causal mask)
-// Pass 1: per-chunk (max, sum) partials and an in-order combine (the tiling of WindowKV's
-// window_scores.cuh, 32 x 64 tiles, head dim staged 64 at a time through shared memory). Pass 2:
+// Pass 1: per-chunk (max, sum) partials and an in-order combine (qk_tiles.cuh, shared with
+// WindowKV's window_scores.cuh: 32 x 64 tiles, head dim staged 64 at a time through shared
+// memory). Pass 2:
 // one CTA per (b, h, 512 keys): 32 x 64 tiles of A go through shared memory once; column sums
 // give the token mass of the CTA's keys (reduced into whole key blocks: 512 is a multiple of
 // bs), diagonal sums give the mass per offset delta = p_r - j of the CTA's delta range (at most
@@ -33,24 +34,33 @@
 
 #include "tasksieve/common.h"
 #include "tasksieve/flex_index.h"
+#include "tasksieve/qk_tiles.cuh"
 
 namespace tasksieve {
 namespace flex_estimate_detail {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kRQ = 4;                    // queries per thread in a tile
-constexpr int kRK = 2;                    // keys per thread in a tile
-constexpr int kQT = kWarps * kRQ;         // 32 queries per tile (warp w: queries w, w+8, ...)
-constexpr int kKT = 32 * kRK;             // 64 keys per tile (lane l: keys l, l+32)
-constexpr int kDK = 64;                   // head-dim elements staged per step
-constexpr int kMaxKeyTilesPerChunk = 16;  // pass-1 keys per block = up to 16 * 64
-constexpr int64_t kTargetBlocks = 264;    // ~2 blocks per SM on an H100
+// The shared tile machinery (qk_tiles.cuh): 256 threads, 32 x 64 q.k tiles, (m, l) stats.
+using qk_tiles::kAlign;
+using qk_tiles::kDK;
+using qk_tiles::kKT;
+using qk_tiles::kMaxKeyTilesPerChunk;
+using qk_tiles::kQT;
+using qk_tiles::kRK;
+using qk_tiles::kRQ;
+using qk_tiles::kTargetBlocks;
+using qk_tiles::kThreads;
+using qk_tiles::kWarps;
+using qk_tiles::AlignUp;
+using qk_tiles::MergeStats;
+using qk_tiles::RowStatsCombineKernel;
+using qk_tiles::TileDots;
+using qk_tiles::TileSmem;
+using qk_tiles::ToFloat;
+
 constexpr int kKeysPerCta = 512;          // pass-2 keys per CTA, a multiple of every block size
 constexpr int kMinBlock = 16, kMaxBlock = 128;
 constexpr int kMaxDiag = kKeysPerCta + kMaxBlock;  // >= kKeysPerCta + m - 1 offsets
 constexpr int kTileDiags = kQT + kKT - 1;          // 95 diagonals cross a 32 x 64 tile
-constexpr size_t kAlign = 256;
 
 TS_HOST_DEVICE TS_INLINE bool SupportedBlockSize(int64_t bs) {
   return bs >= kMinBlock && bs <= kMaxBlock && (bs & (bs - 1)) == 0;
@@ -79,67 +89,6 @@ __device__ __forceinline__ T BlockReduce(T v, T* red, bool is_max) {
   float r = red[0];
   for (int w = 1; w < kWarps; ++w) r = is_max ? fmaxf(r, red[w]) : r + red[w];
   return r;
-}
-
-__device__ __forceinline__ float ToFloat(float x) { return x; }
-__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-struct TileSmem {
-  float q[kQT][kDK];
-  float k[kKT][kDK + 1];  // +1: lane l reads row l -> distinct banks
-};
-
-// acc[r][c] = sum_{d < D} q[i0 + warp + kWarps*r][d] * k[j0 + lane + 32*c][d]; rows i >= i_end
-// or j >= j_end read as zeros. q / k point at the (b, head) slice, rows strided, head dim
-// contiguous. Starts with __syncthreads (shared memory written before the call may be reused
-// once every thread has passed it). Same tiling as WindowKV's scorer (window_scores.cuh),
-// kept separate because a header's non-template kernels cannot be shared by two .cu files.
-template <typename T>
-__device__ __forceinline__ void TileDots(const T* __restrict__ q, int64_t q_stride_n, int64_t i0,
-                                         int64_t i_end, const T* __restrict__ k,
-                                         int64_t k_stride_n, int64_t j0, int64_t j_end, int D,
-                                         TileSmem& sm, float (&acc)[kRQ][kRK]) {
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-#pragma unroll
-  for (int r = 0; r < kRQ; ++r)
-#pragma unroll
-    for (int c = 0; c < kRK; ++c) acc[r][c] = 0.f;
-  for (int d0 = 0; d0 < D; d0 += kDK) {
-    __syncthreads();
-    for (int e = tid; e < kQT * kDK; e += kThreads) {
-      const int row = e / kDK, d = e % kDK;
-      const int64_t i = i0 + row;
-      sm.q[row][d] = (i < i_end && d0 + d < D) ? ToFloat(q[i * q_stride_n + d0 + d]) : 0.f;
-    }
-    for (int e = tid; e < kKT * kDK; e += kThreads) {
-      const int row = e / kDK, d = e % kDK;
-      const int64_t j = j0 + row;
-      sm.k[row][d] = (j < j_end && d0 + d < D) ? ToFloat(k[j * k_stride_n + d0 + d]) : 0.f;
-    }
-    __syncthreads();
-    const int dn = ts_min(kDK, D - d0);
-#pragma unroll 4
-    for (int d = 0; d < dn; ++d) {
-      float kv[kRK];
-#pragma unroll
-      for (int c = 0; c < kRK; ++c) kv[c] = sm.k[lane + 32 * c][d];
-#pragma unroll
-      for (int r = 0; r < kRQ; ++r) {
-        const float qv = sm.q[warp + kWarps * r][d];
-#pragma unroll
-        for (int c = 0; c < kRK; ++c) acc[r][c] = fmaf(qv, kv[c], acc[r][c]);
-      }
-    }
-  }
-}
-
-// (m, l) <- merge of two softmax partials; (-inf, 0) is the empty partial.
-__device__ __forceinline__ void MergeStats(float& m, float& l, float m2, float l2) {
-  const float mn = fmaxf(m, m2);
-  if (mn == ts_neg_inf()) return;
-  l = l * expf(m - mn) + l2 * expf(m2 - mn);
-  m = mn;
 }
 
 // Pass 1, one CTA per (b, h, query tile qt, key chunk c): part[((b*H + h)*m + r)*chunks + c] =
@@ -192,22 +141,6 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i = i0 + warp + kWarps * r;
     if (lane == 0 && i < m) part[((b * H + h) * m + i) * chunks + c] = make_float2(mx[r], l[r]);
   }
-}
-
-// stats[row] = (m, 1/l), merging the chunk partials in order. (Templated only so that the
-// kernel has vague linkage: this header may be included by several .cu files.)
-template <typename T>
-__global__ void FlexStatsCombineKernel(const float2* __restrict__ part,
-                                       float2* __restrict__ stats, int64_t rows,
-                                       int64_t chunks) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  float m = ts_neg_inf(), l = 0.f;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const float2 p = part[row * chunks + c];
-    MergeStats(m, l, p.x, p.y);
-  }
-  stats[row] = make_float2(m, l > 0.f ? 1.f / l : 0.f);
 }
 
 // Pass 2, one CTA per (b, h, key range cb = keys [cb*512, min(cb*512 + 512, Nk))).
@@ -382,8 +315,6 @@ struct Plan {
   size_t part_off = 0, stats_off = 0, slash_off = 0, kbar_off = 0, bytes = 0;
 };
 
-inline size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
-
 inline Plan MakePlan(int64_t B, int64_t Nq, int64_t H, int64_t Hk, int64_t Nk, int64_t D,
                      int64_t bs) {
   Plan p;
@@ -474,7 +405,7 @@ cudaError_t FlexEstimate(const T* q, const T* k, float* vertical, float* slash, 
       k_stride_b, k_stride_n, k_stride_h, scale, p.q_tiles, p.chunks, p.tiles_per_chunk);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  d::FlexStatsCombineKernel<T><<<static_cast<unsigned>(blocks_c), d::kThreads, 0, stream>>>(
+  d::RowStatsCombineKernel<T><<<static_cast<unsigned>(blocks_c), d::kThreads, 0, stream>>>(
       part, stats, rows, p.chunks);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   d::FlexMassKernel<T><<<static_cast<unsigned>(blocks2), d::kThreads, 0, stream>>>(

@@ -18,7 +18,7 @@
 //
 // Dot products: a block computes a 32-query x 64-key tile at a time, staging 64 head-dim
 // elements of both operands through shared memory (fp32), 4 x 2 accumulators per thread, so
-// any head dim works with a fixed 25 KB of tiles.
+// any head dim works with a fixed 25 KB of tiles (qk_tiles.cuh, shared with flex_estimate.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,82 +30,30 @@
 #include <cstdint>
 
 #include "tasksieve/common.h"
+#include "tasksieve/qk_tiles.cuh"
 #include "tasksieve/window_index.h"
 
 namespace tasksieve {
 namespace window_scores_detail {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kRQ = 4;                   // queries per thread in a tile
-constexpr int kRK = 2;                   // keys per thread in a tile
-constexpr int kQT = kWarps * kRQ;        // 32 queries per tile (warp w: queries w, w+8, ...)
-constexpr int kKT = 32 * kRK;            // 64 keys per tile (lane l: keys l, l+32)
-constexpr int kDK = 64;                  // head-dim elements staged per step
-constexpr int kMaxTokensPerBlock = 1024; // pass-2 token mass kept in shared memory
-constexpr int kMaxKeyTilesPerChunk = 16; // pass-1 keys per block = up to 16 * 64
-constexpr int64_t kTargetBlocks = 264;   // ~2 blocks per SM on an H100
-constexpr size_t kAlign = 256;
+// The shared tile machinery (qk_tiles.cuh): 256 threads, 32 x 64 q.k tiles, (m, l) stats.
+using qk_tiles::kAlign;
+using qk_tiles::kDK;
+using qk_tiles::kKT;
+using qk_tiles::kMaxKeyTilesPerChunk;
+using qk_tiles::kQT;
+using qk_tiles::kRK;
+using qk_tiles::kRQ;
+using qk_tiles::kTargetBlocks;
+using qk_tiles::kThreads;
+using qk_tiles::kWarps;
+using qk_tiles::AlignUp;
+using qk_tiles::MergeStats;
+using qk_tiles::RowStatsCombineKernel;
+using qk_tiles::TileDots;
+using qk_tiles::TileSmem;
 
-__device__ __forceinline__ float ToFloat(float x) { return x; }
-__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-struct TileSmem {
-  float q[kQT][kDK];
-  float k[kKT][kDK + 1];  // +1: lane l reads row l -> distinct banks
-};
-
-// acc[r][c] = sum_{d < D} q[i0 + warp + kWarps*r][d] * k[j0 + lane + 32*c][d], where rows
-// i >= i_end or j >= j_end read as zeros. q / k point at the (b, head) slice; rows are strided,
-// the head dim is contiguous. Starts with __syncthreads, so callers may reuse shared memory
-// written before the call once every thread has passed it.
-template <typename T>
-__device__ __forceinline__ void TileDots(const T* __restrict__ q, int64_t q_stride_a, int64_t i0,
-                                         int64_t i_end, const T* __restrict__ k,
-                                         int64_t k_stride_n, int64_t j0, int64_t j_end, int D,
-                                         TileSmem& sm, float (&acc)[kRQ][kRK]) {
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-#pragma unroll
-  for (int r = 0; r < kRQ; ++r)
-#pragma unroll
-    for (int c = 0; c < kRK; ++c) acc[r][c] = 0.f;
-  for (int d0 = 0; d0 < D; d0 += kDK) {
-    __syncthreads();  // the previous step's readers are done with sm
-    for (int e = tid; e < kQT * kDK; e += kThreads) {
-      const int row = e / kDK, d = e % kDK;
-      const int64_t i = i0 + row;
-      sm.q[row][d] = (i < i_end && d0 + d < D) ? ToFloat(q[i * q_stride_a + d0 + d]) : 0.f;
-    }
-    for (int e = tid; e < kKT * kDK; e += kThreads) {
-      const int row = e / kDK, d = e % kDK;
-      const int64_t j = j0 + row;
-      sm.k[row][d] = (j < j_end && d0 + d < D) ? ToFloat(k[j * k_stride_n + d0 + d]) : 0.f;
-    }
-    __syncthreads();
-    const int dn = ts_min(kDK, D - d0);
-#pragma unroll 4
-    for (int d = 0; d < dn; ++d) {
-      float kv[kRK];
-#pragma unroll
-      for (int c = 0; c < kRK; ++c) kv[c] = sm.k[lane + 32 * c][d];
-#pragma unroll
-      for (int r = 0; r < kRQ; ++r) {
-        const float qv = sm.q[warp + kWarps * r][d];  // same address across the warp: broadcast
-#pragma unroll
-        for (int c = 0; c < kRK; ++c) acc[r][c] = fmaf(qv, kv[c], acc[r][c]);
-      }
-    }
-  }
-}
-
-// (m, l) <- merge of two softmax partials; (-inf, 0) is the empty partial.
-__device__ __forceinline__ void MergeStats(float& m, float& l, float m2, float l2) {
-  const float mn = fmaxf(m, m2);
-  if (mn == ts_neg_inf()) return;  // both empty: avoid exp(-inf - -inf) = NaN
-  l = l * expf(m - mn) + l2 * expf(m2 - mn);
-  m = mn;
-}
+constexpr int kMaxTokensPerBlock = 1024;  // pass-2 token mass kept in shared memory
 
 __device__ __forceinline__ int64_t KvStart(const int32_t* kv_start, int64_t b, int64_t N,
                                            int64_t A) {
@@ -168,20 +116,6 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i = i0 + warp + kWarps * r;
     if (lane == 0 && i < A) part[((b * H + h) * A + i) * chunks + c] = make_float2(m[r], l[r]);
   }
-}
-
-// stats[row] = (m, 1/l) for row = (b*H + h)*A + i, merging the chunk partials in order.
-__global__ void WindowScoresCombineKernel(const float2* __restrict__ part,
-                                          float2* __restrict__ stats, int64_t rows,
-                                          int64_t chunks) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  float m = ts_neg_inf(), l = 0.f;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const float2 p = part[row * chunks + c];
-    MergeStats(m, l, p.x, p.y);
-  }
-  stats[row] = make_float2(m, l > 0.f ? 1.f / l : 0.f);
 }
 
 // Pass 2, one block per (b, hk, run of windows [w0, w1)), looping over the G query heads:
@@ -269,8 +203,6 @@ struct Plan {
   size_t part_off = 0, stats_off = 0, tokens_off = 0, bytes = 0;
 };
 
-inline size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
-
 inline Plan MakePlan(int64_t B, int64_t A, int64_t H, int64_t Hk, int64_t N, int64_t window) {
   Plan p;
   p.nw = window::num_windows(N, A, window);
@@ -356,7 +288,7 @@ cudaError_t WindowScores(const T* q, const T* k, const int32_t* kv_start, float*
       k_stride_b, k_stride_n, k_stride_h, scale, p.q_tiles, p.chunks, p.tiles_per_chunk);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  d::WindowScoresCombineKernel<<<static_cast<unsigned>(blocks_c), d::kThreads, 0, stream>>>(
+  d::RowStatsCombineKernel<T><<<static_cast<unsigned>(blocks_c), d::kThreads, 0, stream>>>(
       part, stats, rows, p.chunks);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;

@@ -66,16 +66,9 @@ def _max_err(a, b) -> float:
     return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
 
 
-def _kernel_label(op: str, device: torch.device) -> str:
-    from tasksieve import _ext
-
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    return f"{key.lower()} kernel" if _ext.has_kernel(op, key) else "reference fallback"
-
-
 def run_shape(ctx, s: Shape) -> list[dict]:
     from tasksieve import ops
-    from tasksieve.bench import make_row
+    from tasksieve.bench import kernel_label, make_row
     from tasksieve.reference import reference_flex_estimate, reference_js_divergence
 
     dev = ctx.device
@@ -107,7 +100,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
     flops = 2.0 * s.B * s.H * m * s.N * s.D
     rows.append(make_row(ctx, case="flex_estimate", impl="ops.flex_estimate", t=t_op,
                          baseline="reference_flex_estimate (torch)" if with_ref else "-",
-                         t_base=t_ref, kernel=_kernel_label("flex_estimate", dev),
+                         t_base=t_ref, kernel=kernel_label("flex_estimate", dev),
                          nbytes=nbytes, flops=flops, ceiling="copy", check=check,
                          note=f"m={m} rep queries; GB/s = K + q_rep read once", **common))
 
@@ -126,7 +119,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
         t_ref = ctx.time(lambda: reference_js_divergence(a, b))
         rows.append(make_row(ctx, case=case, impl="ops.js_divergence", t=t_op,
                              baseline="reference_js_divergence (torch)", t_base=t_ref,
-                             kernel=_kernel_label("js_divergence", dev),
+                             kernel=kernel_label("js_divergence", dev),
                              nbytes=2.0 * a.numel() * a.element_size() + got.numel() * 4,
                              ceiling="copy",
                              check=f"max abs err {err:.1e}" + ("" if err < 1e-3 else " MISMATCH"),
@@ -151,7 +144,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
     t_ref = ctx.time(lambda: reference_select_blocks(*sel_args))
     rows.append(make_row(ctx, case="select_blocks", impl="ops.select_blocks", t=t_op,
                          baseline="reference_select_blocks (torch)", t_base=t_ref,
-                         kernel=_kernel_label("select_blocks", dev),
+                         kernel=kernel_label("select_blocks", dev),
                          nbytes=(2 * s.nb + nbq * s.nb) * s.B * s.H * 4
                          + (nbq * s.nb + nbq) * s.B * s.H * 4,
                          ceiling="copy", check="exact" if same else "MISMATCH",

@@ -84,17 +84,9 @@ def _visited_blocks(block_cnt) -> int:
     return int(block_cnt.sum())
 
 
-def _kernel_label(device: torch.device) -> str:
-    from tasksieve import _ext
-
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    return (f"{key.lower()} kernel" if _ext.has_kernel("block_sparse_attention", key)
-            else "reference fallback")
-
-
 def run_shape(ctx, s: Shape) -> list[dict]:
     from tasksieve import ops
-    from tasksieve.bench import make_row
+    from tasksieve.bench import kernel_label, make_row
     from tasksieve.reference import block_sparse_block_mask
 
     dev = ctx.device
@@ -145,7 +137,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
         rows.append(make_row(ctx, case=f"block_sparse_{int(frac * 100)}pct",
                              impl="ops.block_sparse_attention", t=t_op,
                              baseline=f"dense {desc}", t_base=t_dense, kind="ratio",
-                             kernel=_kernel_label(dev), flops=flops, ceiling="matmul",
+                             kernel=kernel_label("block_sparse_attention", dev), flops=flops, ceiling="matmul",
                              note=f"{visited} of {causal_blocks} causal blocks ({pct:.1f}%); "
                                   f"dense at {dense_tflops:.3g} TFLOP/s (causal half)",
                              **common))
@@ -178,14 +170,14 @@ def run_shape(ctx, s: Shape) -> list[dict]:
             rows.append(make_row(ctx, case=f"block_sparse_{int(frac * 100)}pct_vs_flex",
                                  impl="ops.block_sparse_attention", t=t_op,
                                  baseline="FlexAttention BlockMask (same sets)", t_base=t_flex,
-                                 kernel=_kernel_label(dev), flops=flops, check=check,
+                                 kernel=kernel_label("block_sparse_attention", dev), flops=flops, check=check,
                                  note=f"{pct:.1f}% blocks",
                                  **common))
         else:
             rows.append(make_row(ctx, case=f"block_sparse_{int(frac * 100)}pct_vs_flex",
                                  impl="ops.block_sparse_attention", t=t_op,
                                  baseline="FlexAttention BlockMask (same sets)",
-                                 kernel=_kernel_label(dev), flops=flops, note=note, **common))
+                                 kernel=kernel_label("block_sparse_attention", dev), flops=flops, note=note, **common))
     return rows
 
 

@@ -172,16 +172,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
 
 
-def _kernel_label(op: str, device: torch.device) -> str:
-    from tasksieve import _ext
-
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    return f"{key.lower()} kernel" if _ext.has_kernel(op, key) else "reference fallback"
-
-
 def run_shape(ctx, s: Shape) -> list[dict]:
     from tasksieve import ops
-    from tasksieve.bench import make_row
+    from tasksieve.bench import kernel_label, make_row
     from tasksieve.reference import reference_select_windows, reference_window_scores
 
     dev = ctx.device
@@ -214,7 +207,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
     flops = 2.0 * s.B * s.H * s.A * s.N * s.D
     rows.append(make_row(ctx, case="window_scores", impl="ops.window_scores", t=t_op,
                          baseline="reference_window_scores (torch)", t_base=t_ref,
-                         kernel=_kernel_label("window_scores", dev), nbytes=nbytes, flops=flops,
+                         kernel=kernel_label("window_scores", dev), nbytes=nbytes, flops=flops,
                          ceiling="copy", check=check,
                          note=f"reduce={s.reduce}; GB/s = K + q_obs read once", **common))
 
@@ -227,7 +220,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
     t_ref = ctx.time(lambda: reference_select_windows(scores, s.keep, s.share))
     rows.append(make_row(ctx, case="select_windows", impl="ops.select_windows", t=t_op,
                          baseline="reference_select_windows (torch sort)", t_base=t_ref,
-                         kernel=_kernel_label("select_windows", dev), check=check,
+                         kernel=kernel_label("select_windows", dev), check=check,
                          note=f"nw={s.nw} keep={s.keep} share={s.share}", **common))
 
     # 3. gather_windows: 16 tensors, one launch ---------------------------------------------
@@ -244,7 +237,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
     nbytes = 2.0 * len(kv) * s.B * s.Hk * s.kept * s.D * elt
     rows.append(make_row(ctx, case="gather_windows", impl="ops.gather_windows", t=t_op,
                          baseline=base_name, t_base=t_base,
-                         kernel=_kernel_label("gather_windows", dev), nbytes=nbytes,
+                         kernel=kernel_label("gather_windows", dev), nbytes=nbytes,
                          ceiling="copy", check=check,
                          note=f"{len(kv)} tensors, {s.kept} kept rows each, "
                               f"{nbytes / 1e6:.1f} MB moved (read + write)", **common))
@@ -260,7 +253,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
     t_base = ctx.time(lambda: torch_gather_(kv_ip_base, idx, s.window, s.tail, shared))
     rows.append(make_row(ctx, case="gather_windows_", impl="ops.gather_windows_ (in place)",
                          t=t_op, baseline=base_name + " + copy_", t_base=t_base,
-                         kernel=_kernel_label("gather_windows_", dev), nbytes=nbytes,
+                         kernel=kernel_label("gather_windows_", dev), nbytes=nbytes,
                          ceiling="copy", check=check, note="compacts into the cache itself",
                          **common))
     del kv_ip, kv_ip_base
@@ -278,7 +271,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
 
     t_ts = ctx.time(tasksieve_group)
     t_torch = ctx.time(torch_group)
-    kernels = sorted({_kernel_label(o, dev) for o in ("window_scores", "select_windows",
+    kernels = sorted({kernel_label(o, dev) for o in ("window_scores", "select_windows",
                                                        "gather_windows")})
     rows.append(make_row(ctx, case="group_total", impl="score + select + gather", t=t_ts,
                          baseline="torch path (reference score + select, index_select)",

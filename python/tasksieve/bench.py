@@ -541,6 +541,15 @@ def write_plot(rows: Sequence[dict], path: Path, title: str) -> Optional[Path]:
 
 
 
+def kernel_label(op: str, device) -> str:
+    """What a row times: "cpu kernel" / "cuda kernel", or "reference fallback" when the op has no
+    kernel for the device."""
+    from . import _ext
+
+    key = "CUDA" if torch.device(device).type == "cuda" else "CPU"
+    return f"{key.lower()} kernel" if _ext.has_kernel(op, key) else "reference fallback"
+
+
 def run_shapes(ctx: "BenchContext", family: str, shapes, shape_cls, run_shape) -> list[dict]:
     """The loop every family's ``run(ctx, shapes)`` shares: shapes are ``shape_cls`` instances or dicts
     of its fields; one log line per shape; the CUDA cache is emptied between shapes."""

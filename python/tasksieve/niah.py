@@ -480,6 +480,39 @@ def is_prefill_method(press) -> bool:
 
 
 @torch.inference_mode()
+def _row(case: Case, method: str, answer: str, kl: torch.Tensor, agree: torch.Tensor, answer_tokens: int,
+         kv_bytes: int, kv_bytes_dense: int, *, prefill_s: float, decode_s: float, strategy: str = "",
+         sparse_prefill: bool = False, prefill_block_ratio: float = 1.0) -> dict:
+    """One result row (a CSV line) of ``method`` on ``case``; kl / agree are per answer token, the first one
+    predicted from the prefill logits."""
+    return dict(
+        method=method,
+        prefill_block_ratio=prefill_block_ratio,
+        length=case.length,
+        depth=case.depth,
+        key=case.key,
+        answer=answer,
+        passed=passed(answer, case.key),
+        kl=float(kl.mean()),
+        kl_decode=float(kl[1:].mean()) if kl.numel() > 1 else 0.0,
+        top1=float(agree.double().mean()),
+        top1_decode=float(agree[1:].double().mean()) if agree.numel() > 1 else 1.0,
+        answer_tokens=answer_tokens,
+        kv_bytes=kv_bytes,
+        kv_bytes_dense=kv_bytes_dense,
+        kv_kept_pct=100.0 * kv_bytes / kv_bytes_dense if kv_bytes_dense else float("nan"),
+        strategy=strategy,
+        prompt_tokens=case.prompt_tokens,
+        context_tokens=case.context_tokens,
+        depth_actual=round(case.depth_actual, 4),
+        haystack=case.haystack,
+        seed=case.seed,
+        prefill_s=round(prefill_s, 3),
+        decode_s=round(decode_s, 3),
+        sparse_prefill=sparse_prefill,
+    )
+
+
 def run_case(model, tokenizer, case: Case, methods: Mapping[str, Any], max_new_tokens: int = 16) -> list[dict]:
     """Evaluate one case for every method; returns one row per method (in ``methods`` order).
 
@@ -528,34 +561,8 @@ def run_case(model, tokenizer, case: Case, methods: Mapping[str, Any], max_new_t
                 decode_s = time.perf_counter() - t0
             kl, agree = kl_top1(dense_logits, ref)
             answer = _decode(tokenizer, [t for t in tokens if t not in eos]).strip()
-            rows.append(
-                dict(
-                    method=name,
-                    prefill_block_ratio=1.0,
-                    length=case.length,
-                    depth=case.depth,
-                    key=case.key,
-                    answer=answer,
-                    passed=passed(answer, case.key),
-                    kl=float(kl.mean()),
-                    kl_decode=float(kl[1:].mean()) if kl.numel() > 1 else 0.0,
-                    top1=float(agree.double().mean()),
-                    top1_decode=float(agree[1:].double().mean()) if agree.numel() > 1 else 1.0,
-                    answer_tokens=len(dense_tokens),
-                    kv_bytes=nbytes[name],
-                    kv_bytes_dense=dense_bytes,
-                    kv_kept_pct=100.0 * nbytes[name] / dense_bytes if dense_bytes else float("nan"),
-                    strategy=strategy,
-                    prompt_tokens=case.prompt_tokens,
-                    context_tokens=case.context_tokens,
-                    depth_actual=round(case.depth_actual, 4),
-                    haystack=case.haystack,
-                    seed=case.seed,
-                    prefill_s=round(prefill_s, 3),
-                    decode_s=round(decode_s, 3),
-                    sparse_prefill=False,
-                )
-            )
+            rows.append(_row(case, name, answer, kl, agree, len(dense_tokens), nbytes[name], dense_bytes,
+                             strategy=strategy, prefill_s=prefill_s, decode_s=decode_s))
     del caches
     for name, fp in prefills.items():
         with hf.patched(model, kv=None, prefill=fp):
@@ -576,34 +583,9 @@ def run_case(model, tokenizer, case: Case, methods: Mapping[str, Any], max_new_t
         del cache
         kl, agree = kl_top1(dense_logits, ref)
         answer = _decode(tokenizer, [t for t in tokens if t not in eos]).strip()
-        rows.append(
-            dict(
-                method=name,
-                prefill_block_ratio=float("nan") if ratio is None else float(ratio),
-                length=case.length,
-                depth=case.depth,
-                key=case.key,
-                answer=answer,
-                passed=passed(answer, case.key),
-                kl=float(kl.mean()),
-                kl_decode=float(kl[1:].mean()) if kl.numel() > 1 else 0.0,
-                top1=float(agree.double().mean()),
-                top1_decode=float(agree[1:].double().mean()) if agree.numel() > 1 else 1.0,
-                answer_tokens=len(dense_tokens),
-                kv_bytes=fp_bytes,
-                kv_bytes_dense=dense_bytes,
-                kv_kept_pct=100.0 * fp_bytes / dense_bytes if dense_bytes else float("nan"),
-                strategy="",
-                prompt_tokens=case.prompt_tokens,
-                context_tokens=case.context_tokens,
-                depth_actual=round(case.depth_actual, 4),
-                haystack=case.haystack,
-                seed=case.seed,
-                prefill_s=round(fp_prefill_s, 3),
-                decode_s=round(decode_s, 3),
-                sparse_prefill=True,
-            )
-        )
+        rows.append(_row(case, name, answer, kl, agree, len(dense_tokens), fp_bytes, dense_bytes,
+                         prefill_s=fp_prefill_s, decode_s=decode_s, sparse_prefill=True,
+                         prefill_block_ratio=float("nan") if ratio is None else float(ratio)))
     order = {name: i for i, name in enumerate(methods)}
     rows.sort(key=lambda r: order[r["method"]])
     return rows

@@ -173,12 +173,12 @@ sanitize() {  # tool [extra args for sanitize_ops.py]
 export -f env_info build sanitize
 export PY ROOT SANITIZER
 echo "device_check: $(date -u), budget ${BUDGET}s, logs in $OUTDIR"
-run_step env       30  420 "$OUTDIR/build.log"    env_info
-run_step build     300 225 "$OUTDIR/build.log"    build
-run_step tests     180 165 "$OUTDIR/tests.log"    "$PY" -m pytest -q -m "not slow" -p no:cacheprovider -rfE tests/
-run_step memcheck  90  120 "$OUTDIR/sanitize.log" sanitize memcheck
-run_step racecheck 60  90  "$OUTDIR/sanitize.log" sanitize racecheck --no-check
-run_step bench     150 0   "$OUTDIR/bench.log"    "$PY" -m tasksieve.bench --quick --device cuda --out "$OUTDIR"
+run_step env       30  440 "$OUTDIR/build.log"    env_info
+run_step build     300 260 "$OUTDIR/build.log"    build
+run_step tests     150 200 "$OUTDIR/tests.log"    "$PY" -m pytest -q -m "not slow" -p no:cacheprovider -rfE tests/
+run_step memcheck  80  170 "$OUTDIR/sanitize.log" sanitize memcheck
+run_step racecheck 50  150 "$OUTDIR/sanitize.log" sanitize racecheck --no-check
+run_step bench     220 0   "$OUTDIR/bench.log"    "$PY" -m tasksieve.bench --quick --device cuda --out "$OUTDIR"
 
 # ---- report -------------------------------------------------------------------------------
 TOTAL=$(elapsed)

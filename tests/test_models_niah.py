@@ -421,3 +421,29 @@ def test_last_info_prefill_block_ratio():
         assert hf.last_info(model)["prefill_block_ratio"] == pytest.approx(1.0)
     with hf.patched(model):
         assert "prefill_block_ratio" not in hf.last_info(model)
+
+
+def test_last_info_per_head_pattern():
+    """last_info gives every sparse layer's per-head pattern, consistent with the overall ratio."""
+    from tasksieve import hf
+
+    model = models.tiny_model("llama", seed=2)
+    cfg = model.config
+    ids = torch.randint(3, 128, (1, 160))
+    with hf.patched(model, prefill=ts.FlexPrefill(gamma=0.6, tau=0.3, block_size=16, dense_below=0)):
+        model(input_ids=ids)
+        info = hf.last_info(model)
+    layers = info["prefill_layers"]
+    assert sorted(layers) == list(range(cfg.num_hidden_layers))
+    H = cfg.num_attention_heads
+    for rec in layers.values():
+        assert len(rec["head_ratio"]) == 1 and len(rec["head_ratio"][0]) == H
+        assert all(0 < r <= 1 for r in rec["head_ratio"][0])
+        assert rec["ratio"] == pytest.approx(sum(rec["head_ratio"][0]) / H, rel=1e-5)
+        assert len(rec["query_aware"][0]) == H and all(isinstance(b, bool) for b in rec["query_aware"][0])
+        assert all(0 <= d <= 0.833 for d in rec["js_distance"][0])
+        # the pattern label follows tau: query-aware iff the distance is below it
+        assert rec["query_aware"][0] == [d < 0.3 for d in rec["js_distance"][0]]
+    mean = sum(r["ratio"] for r in layers.values()) / len(layers)
+    assert info["prefill_block_ratio"] == pytest.approx(mean, rel=1e-5)
+    assert info["prefill_block_ratio"] < 1  # gamma 0.6 on 10 blocks leaves some out

@@ -192,11 +192,13 @@ inline FlexEstimateDims check_flex_estimate_args(const at::Tensor& q, const at::
 
 // ---------------------------------------------------------------------------------------------
 // block_sparse_attention: q [B, Nq, H, D], k/v [B, Nk, Hk, D], block_idx int32 [B, H, nbq,
-// max_k], block_cnt int32 [B, H, nbq]. Order of the checks:
+// max_k], block_cnt int32 [B, H, nbq]; packed varlen (cu_seqlens_q and cu_seqlens_k int32
+// [S + 1]): B = 1, block_idx [S, H, nbq_max, max_k], block_cnt [S, H, nbq_max]. Order:
 //   check_block_sparse_attention_ranks(q, k, v);   // q, k, v are 4-D
 //   <device-kind check of q>;
 //   check_block_sparse_attention_args(q, k, v, block_idx, block_cnt, block_size,
-//                                     check_q_dtype, check_head_dim);
+//                                     cu_seqlens_q, cu_seqlens_k, check_q_dtype, check_head_dim);
+//   (CPU only) check_block_sparse_varlen_offsets(...)  // reads the offsets: needs host memory
 // check_q_dtype(dt) and check_head_dim(D) hold the checks whose limits differ between the CPU
 // and the CUDA op; they run where those ops always ran them. Values inside block_idx /
 // block_cnt and the scale are not checked here.
@@ -212,15 +214,20 @@ inline void check_block_sparse_attention_ranks(const at::Tensor& q, const at::Te
   TS_BSA_CHECK(v.dim() == 4, "v must be a 4-D tensor [B, Nk, Hk, D], got shape ", v.sizes());
 }
 
+// Dense: S = B index rows, nbq = ceil(Nq / block_size). Varlen: B = 1, Nq / Nk are the packed
+// totals, S sequences, nbq = nbq_max (block_idx.size(2)).
 struct BlockSparseAttentionDims {
   int64_t B, Nq, Nk, H, Hk, D, nbq, max_k;
+  bool varlen;
+  int64_t S;
 };
 
 template <typename QDtypeCheck, typename HeadDimCheck>
 BlockSparseAttentionDims check_block_sparse_attention_args(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_idx,
-    const at::Tensor& block_cnt, int64_t block_size, QDtypeCheck&& check_q_dtype,
-    HeadDimCheck&& check_head_dim) {
+    const at::Tensor& block_cnt, int64_t block_size,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    QDtypeCheck&& check_q_dtype, HeadDimCheck&& check_head_dim) {
   TS_BSA_CHECK(k.device() == q.device(), "k must be on the device of q (", q.device(), "), got ",
                k.device());
   TS_BSA_CHECK(v.device() == q.device(), "v must be on the device of q (", q.device(), "), got ",
@@ -229,6 +236,29 @@ BlockSparseAttentionDims check_block_sparse_attention_args(
                q.device(), "), got ", block_idx.device());
   TS_BSA_CHECK(block_cnt.device() == q.device(), "block_cnt must be on the device of q (",
                q.device(), "), got ", block_cnt.device());
+  TS_BSA_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+               "cu_seqlens_q and cu_seqlens_k must be given together (packed varlen mode), got "
+               "only ", cu_seqlens_q.has_value() ? "cu_seqlens_q" : "cu_seqlens_k");
+  const bool varlen = cu_seqlens_q.has_value();
+  int64_t S = 0;
+  if (varlen) {
+    const at::Tensor& cq = *cu_seqlens_q;
+    const at::Tensor& ck = *cu_seqlens_k;
+    TS_BSA_CHECK(cq.device() == q.device(), "cu_seqlens_q must be on the device of q (",
+                 q.device(), "), got ", cq.device());
+    TS_BSA_CHECK(ck.device() == q.device(), "cu_seqlens_k must be on the device of q (",
+                 q.device(), "), got ", ck.device());
+    TS_BSA_CHECK(cq.scalar_type() == at::kInt, "cu_seqlens_q must be int32, got ",
+                 cq.scalar_type());
+    TS_BSA_CHECK(ck.scalar_type() == at::kInt, "cu_seqlens_k must be int32, got ",
+                 ck.scalar_type());
+    TS_BSA_CHECK(cq.dim() == 1 && cq.size(0) >= 1,
+                 "cu_seqlens_q must be a 1-D tensor [S + 1] (S sequences), got shape ",
+                 cq.sizes());
+    TS_BSA_CHECK(ck.sizes() == cq.sizes(), "cu_seqlens_k must have the shape of cu_seqlens_q ",
+                 cq.sizes(), " (one entry per sequence + 1), got ", ck.sizes());
+    S = cq.size(0) - 1;
+  }
   const auto dt = q.scalar_type();
   check_q_dtype(dt);
   TS_BSA_CHECK(k.scalar_type() == dt, "k must have the dtype of q (", dt, "), got ",
@@ -238,6 +268,9 @@ BlockSparseAttentionDims check_block_sparse_attention_args(
   const int64_t B = q.size(0), Nq = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t Nk = k.size(1), Hk = k.size(2);
   TS_BSA_CHECK(k.size(0) == B, "k must have the batch size of q (", B, "), got ", k.size(0));
+  TS_BSA_CHECK(!varlen || B == 1,
+               "q must have batch size 1 in varlen mode (sequences packed along dim 1), got B=",
+               B);
   TS_BSA_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ",
                v.sizes());
   check_head_dim(D);
@@ -253,11 +286,23 @@ BlockSparseAttentionDims check_block_sparse_attention_args(
                v.strides());
   TS_BSA_CHECK(block_size == 16 || block_size == 32 || block_size == 64 || block_size == 128,
                "block_size must be 16, 32, 64 or 128, got ", block_size);
-  const int64_t nbq = block::num_blocks(Nq, block_size);
   TS_BSA_CHECK(block_idx.scalar_type() == at::kInt, "block_idx must be int32, got ",
                block_idx.scalar_type());
   TS_BSA_CHECK(block_cnt.scalar_type() == at::kInt, "block_cnt must be int32, got ",
                block_cnt.scalar_type());
+  if (varlen) {
+    TS_BSA_CHECK(block_idx.dim() == 4 && block_idx.size(0) == S && block_idx.size(1) == H,
+                 "block_idx must have shape [S, H, nbq_max, max_k] = [", S, ", ", H,
+                 ", nbq_max, max_k] in varlen mode (S = len(cu_seqlens_q) - 1), got ",
+                 block_idx.sizes());
+    const int64_t nbq_max = block_idx.size(2);
+    TS_BSA_CHECK(block_cnt.dim() == 3 && block_cnt.size(0) == S && block_cnt.size(1) == H &&
+                     block_cnt.size(2) == nbq_max,
+                 "block_cnt must have shape [S, H, nbq_max] = [", S, ", ", H, ", ", nbq_max,
+                 "] in varlen mode, got ", block_cnt.sizes());
+    return {B, Nq, Nk, H, Hk, D, nbq_max, block_idx.size(3), true, S};
+  }
+  const int64_t nbq = block::num_blocks(Nq, block_size);
   TS_BSA_CHECK(block_idx.dim() == 4 && block_idx.size(0) == B && block_idx.size(1) == H &&
                    block_idx.size(2) == nbq,
                "block_idx must have shape [B, H, nbq, max_k] = [", B, ", ", H, ", ", nbq,
@@ -266,7 +311,36 @@ BlockSparseAttentionDims check_block_sparse_attention_args(
                    block_cnt.size(2) == nbq,
                "block_cnt must have shape [B, H, nbq] = [", B, ", ", H, ", ", nbq, "], got ",
                block_cnt.sizes());
-  return {B, Nq, Nk, H, Hk, D, nbq, block_idx.size(3)};
+  return {B, Nq, Nk, H, Hk, D, nbq, block_idx.size(3), false, B};
+}
+
+// Varlen offsets, read on the host (the CPU op; the CUDA op clamps them on the device instead,
+// see block::seq_span). cu_q, cu_k: the S + 1 entries of cu_seqlens_q / cu_seqlens_k, shapes
+// already checked. Every sequence must hold its queries as the last nq of its nk keys, and
+// nbq_max must cover the longest query run.
+inline void check_block_sparse_varlen_offsets(const int32_t* cu_q, const int32_t* cu_k,
+                                              int64_t S, int64_t total_q, int64_t total_k,
+                                              int64_t block_size, int64_t nbq_max) {
+  auto check_offsets = [S](const char* name, const char* packed, const int32_t* cu,
+                           int64_t total) {
+    TS_BSA_CHECK(cu[0] == 0, name, "[0] must be 0, got ", cu[0]);
+    for (int64_t s = 0; s < S; ++s)
+      TS_BSA_CHECK(cu[s + 1] >= cu[s], name, " must be non-decreasing, got ", name, "[", s + 1,
+                   "]=", cu[s + 1], " < ", name, "[", s, "]=", cu[s]);
+    TS_BSA_CHECK(cu[S] == total, name, "[-1] must equal the packed length (dim 1 of ", packed,
+                 " = ", total, "), got ", cu[S]);
+  };
+  check_offsets("cu_seqlens_q", "q", cu_q, total_q);
+  check_offsets("cu_seqlens_k", "k", cu_k, total_k);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t nq = int64_t{cu_q[s + 1]} - cu_q[s], nk = int64_t{cu_k[s + 1]} - cu_k[s];
+    TS_BSA_CHECK(nq <= nk, "sequence ", s, " has nq=", nq, " queries > nk=", nk,
+                 " keys (cu_seqlens_q / cu_seqlens_k); its queries must be the last nq of its "
+                 "nk positions");
+    TS_BSA_CHECK(block::num_blocks(nq, block_size) <= nbq_max,
+                 "block_idx dim 2 (nbq_max=", nbq_max, ") must be >= ceil(nq / block_size)=",
+                 block::num_blocks(nq, block_size), " of sequence ", s, " (nq=", nq, ")");
+  }
 }
 
 #undef TS_BSA_CHECK

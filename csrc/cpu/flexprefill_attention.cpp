@@ -3,10 +3,12 @@
 //
 //   q [B, Nq, H, D], k/v [B, Nk, Hk, D] (fp32/fp16/bf16), block_idx int32 [B, H, nbq, max_k],
 //   block_cnt int32 [B, H, nbq]  ->  out [B, Nq, H, D] (q's dtype), lse fp32 [B, H, Nq]
+//   packed varlen (cu_seqlens_q/_k int32 [S + 1]): B = 1, index rows [S, H, nbq_max, ...];
+//   sequence s is the dense problem on its rows (block::seq_span), validated fully here.
 //
-// Work item = (b, h, query block r), spread over at::parallel_for. Per item the pre-scaled fp32
-// query tile Q [m, D] (scale * log2 e folded in, so softmax uses exp2) visits the listed key
-// blocks in order; per block:
+// Work item = (b or sequence s, h, query block r), spread over at::parallel_for. Per item the
+// pre-scaled fp32 query tile Q [m, D] (scale * log2 e folded in, so softmax uses exp2) visits
+// the listed key blocks in order; per block:
 //   1. S = Q K_c^T by one BLAS GEMM (MKL sgemm called directly and held single-threaded inside
 //      parallel_for where torch has MKL; at::cpu::mm_out otherwise);
 //   2. causal mask only if the block straddles the diagonal (block::tile_visibility); blocks
@@ -177,16 +179,20 @@ void scale_row(float* o, float alpha, int64_t D) {
 
 constexpr int64_t kMaxHeadDimCpu = 256;
 
+// Dense: S = B index rows; varlen: S sequences, B = 1, nbq = nbq_max.
 struct Args {
-  int64_t B, Nq, Nk, H, Hk, D, G, bs, nbq, nbk, max_k;
+  int64_t B, Nq, Nk, H, Hk, D, G, bs, nbq, nbk, max_k, S;
+  bool varlen;
 };
 
 Args check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& block_idx, const at::Tensor& block_cnt, int64_t block_size) {
+                const at::Tensor& block_idx, const at::Tensor& block_cnt, int64_t block_size,
+                const std::optional<at::Tensor>& cu_seqlens_q,
+                const std::optional<at::Tensor>& cu_seqlens_k) {
   checks::check_block_sparse_attention_ranks(q, k, v);
   TS_CHECK(q.device().is_cpu(), "q must be a CPU tensor here, got ", q.device());
   const checks::BlockSparseAttentionDims d = checks::check_block_sparse_attention_args(
-      q, k, v, block_idx, block_cnt, block_size,
+      q, k, v, block_idx, block_cnt, block_size, cu_seqlens_q, cu_seqlens_k,
       [](at::ScalarType dt) {
         TS_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
                  "q must be float32, float16 or bfloat16, got ", dt);
@@ -206,6 +212,8 @@ Args check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   a.nbq = d.nbq;
   a.nbk = block::num_blocks(a.Nk, a.bs);
   a.max_k = d.max_k;
+  a.S = d.S;
+  a.varlen = d.varlen;
   return a;
 }
 
@@ -214,26 +222,70 @@ void store_row(T* dst, const float* src, float inv, int64_t D) {
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * inv);
 }
 
+// Packed varlen: sequence s's offsets in the packed rows; dense: batch row s, whole length.
+block::SeqSpan span_of(const Args& a, const int32_t* cu_q, const int32_t* cu_k, int64_t s) {
+  return a.varlen ? block::seq_span(cu_q, cu_k, s, a.Nq, a.Nk)
+                  : block::SeqSpan{0, a.Nq, 0, a.Nk};
+}
+
+// Rows of query blocks past a varlen sequence's length are ignored, so only the rows in use are
+// checked; dense messages keep their flat-index form.
+void check_index_values(const Args& a, const int32_t* idx, const int32_t* cnt,
+                        const int32_t* cu_q, const int32_t* cu_k) {
+  for (int64_t s = 0; s < a.S; ++s) {
+    const block::SeqSpan sp = span_of(a, cu_q, cu_k, s);
+    const int64_t nbq_s = block::num_blocks(sp.nq, a.bs), nbk_s = block::num_blocks(sp.nk, a.bs);
+    for (int64_t h = 0; h < a.H; ++h) {
+      for (int64_t r = 0; r < nbq_s; ++r) {
+        const int64_t t = (s * a.H + h) * a.nbq + r;
+        const int64_t n = cnt[t];
+        if (a.varlen) {
+          TS_CHECK(n >= 0 && n <= a.max_k, "block_cnt values must be in [0, max_k=", a.max_k,
+                   "], got ", n, " at sequence ", s, " head ", h, " query block ", r);
+        } else {
+          TS_CHECK(n >= 0 && n <= a.max_k, "block_cnt values must be in [0, max_k=", a.max_k,
+                   "], got ", n, " at flat index ", t);
+        }
+        for (int64_t e = 0; e < n; ++e) {
+          const int64_t c = idx[t * a.max_k + e];
+          if (block::block_column_valid(c, nbk_s)) continue;
+          if (a.varlen) {
+            TS_CHECK(false, "block_idx values must be in [0, nbk=", nbk_s, ") of sequence ", s,
+                     " (nbk = ceil(nk / block_size), nk=", sp.nk, "), got ", c, " at sequence ",
+                     s, " head ", h, " query block ", r, " entry ", e);
+          }
+          TS_CHECK(false, "block_idx values must be in [0, nbk=", nbk_s,
+                   ") (nbk = ceil(Nk / block_size)), got ", c, " at row ", t, " entry ", e);
+        }
+      }
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& block_idx_in, const at::Tensor& block_cnt_in, int64_t block_size,
-    std::optional<double> scale_opt, bool causal) {
-  const Args a = check_args(q_in, k_in, v_in, block_idx_in, block_cnt_in, block_size);
+    std::optional<double> scale_opt, bool causal,
+    const std::optional<at::Tensor>& cu_seqlens_q_in,
+    const std::optional<at::Tensor>& cu_seqlens_k_in) {
+  const Args a = check_args(q_in, k_in, v_in, block_idx_in, block_cnt_in, block_size,
+                            cu_seqlens_q_in, cu_seqlens_k_in);
   const at::Tensor block_idx = block_idx_in.contiguous();
   const at::Tensor block_cnt = block_cnt_in.contiguous();
   const int32_t* idx = block_idx.const_data_ptr<int32_t>();
   const int32_t* cnt = block_cnt.const_data_ptr<int32_t>();
-  const int64_t rows = a.B * a.H * a.nbq;
-  for (int64_t t = 0; t < rows; ++t) {
-    const int64_t n = cnt[t];
-    TS_CHECK(n >= 0 && n <= a.max_k, "block_cnt values must be in [0, max_k=", a.max_k,
-             "], got ", n, " at flat index ", t);
-    for (int64_t e = 0; e < n; ++e) {
-      const int64_t c = idx[t * a.max_k + e];
-      TS_CHECK(block::block_column_valid(c, a.nbk), "block_idx values must be in [0, nbk=",
-               a.nbk, ") (nbk = ceil(Nk / block_size)), got ", c, " at row ", t, " entry ", e);
-    }
+  at::Tensor cu_seqlens_q, cu_seqlens_k;
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+  if (a.varlen) {
+    cu_seqlens_q = cu_seqlens_q_in->contiguous();
+    cu_seqlens_k = cu_seqlens_k_in->contiguous();
+    cu_q = cu_seqlens_q.const_data_ptr<int32_t>();
+    cu_k = cu_seqlens_k.const_data_ptr<int32_t>();
+    checks::check_block_sparse_varlen_offsets(cu_q, cu_k, a.S, a.Nq, a.Nk, a.bs, a.nbq);
   }
+  check_index_values(a, idx, cnt, cu_q, cu_k);
+  const int64_t rows = a.S * a.H * a.nbq;
   const double scale = scale_opt.has_value() ? *scale_opt : 1.0 / std::sqrt(double(a.D));
   TS_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
 
@@ -250,8 +302,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   const int64_t qsb = q.stride(0), qsn = q.stride(1), qsh = q.stride(2);
   const int64_t ksb = k.stride(0), ksn = k.stride(1), ksh = k.stride(2);
   const int64_t vsb = v.stride(0), vsn = v.stride(1), vsh = v.stride(2);
-  const int64_t B = a.B, H = a.H, D = a.D, Nq = a.Nq, Nk = a.Nk, bs = a.bs, nbq = a.nbq;
+  const int64_t H = a.H, D = a.D, Nq = a.Nq, bs = a.bs, nbq = a.nbq;
   const int64_t G = a.G, max_k = a.max_k;
+  const bool varlen = a.varlen;
   const float qscale = static_cast<float>(scale * M_LOG2E);
   const float ninf = -std::numeric_limits<float>::infinity();
   const auto out_dt = out.scalar_type();
@@ -266,30 +319,36 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
 #endif
     std::vector<float> qt(bs * D), st(bs * ld), o(bs * D), m(bs), l(bs), alpha(bs);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item % nbq, bh = item / nbq, h = bh % H, b = bh / H, hk = h / G;
-      const int64_t q0 = block::block_begin(r, bs), q1 = block::block_end(r, bs, Nq);
+      const int64_t r = item % nbq, sh = item / nbq, h = sh % H, s = sh / H, hk = h / G;
+      // Sequence s's own problem: nq queries (the last of its nk keys) starting at packed row
+      // sq0, keys at sk0; b = the batch row of the data (always 0 when packed).
+      const block::SeqSpan sp = span_of(a, cu_q, cu_k, s);
+      const int64_t b = varlen ? 0 : s, sq0 = sp.q_begin, sk0 = sp.k_begin;
+      const int64_t nq = sp.nq, Nk = sp.nk;
+      const int64_t q0 = block::block_begin(r, bs), q1 = block::block_end(r, bs, nq);
+      if (q0 >= q1) continue;  // query block past a packed sequence's end
       const int64_t mq = q1 - q0;
       for (int64_t i = 0; i < mq; ++i) {
-        const float* src = qp + b * qsb + (q0 + i) * qsn + h * qsh;
+        const float* src = qp + b * qsb + (sq0 + q0 + i) * qsn + h * qsh;
         for (int64_t d = 0; d < D; ++d) qt[i * D + d] = src[d] * qscale;
       }
       std::fill(o.begin(), o.begin() + mq * D, 0.f);
       std::fill(m.begin(), m.end(), ninf);
       std::fill(l.begin(), l.end(), 0.f);
-      const float* kb = kp + b * ksb + hk * ksh;
-      const float* vb = vp + b * vsb + hk * vsh;
+      const float* kb = kp + b * ksb + sk0 * ksn + hk * ksh;
+      const float* vb = vp + b * vsb + sk0 * vsn + hk * vsh;
       const int64_t n = cnt[item];
       for (int64_t e = 0; e < n; ++e) {
         const int64_t c = idx[item * max_k + e];
         const int64_t k0 = block::block_begin(c, bs), k1 = block::block_end(c, bs, Nk);
         const int64_t nk = k1 - k0;
-        const auto vis = block::tile_visibility(q0, q1, k0, k1, Nq, Nk, causal);
+        const auto vis = block::tile_visibility(q0, q1, k0, k1, nq, Nk, causal);
         if (vis == block::kSkip) continue;
         gemm_rm(true, mq, nk, D, qt.data(), D, kb + k0 * ksn, ksn, 0.f, st.data(), ld);
         for (int64_t i = 0; i < mq; ++i) {
           int64_t lim = nk;
           if (vis == block::kPartial)
-            lim = std::clamp(block::query_key_end(q0 + i, Nq, Nk, true) - k0, int64_t{0}, nk);
+            lim = std::clamp(block::query_key_end(q0 + i, nq, Nk, true) - k0, int64_t{0}, nk);
           float mn, sum;
           softmax_row(st.data() + i * ld, lim, ld, m[i], &mn, &sum);
           const float alpha_i = m[i] == ninf ? 0.f : std::exp2(m[i] - mn);
@@ -301,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
         gemm_rm(false, mq, D, nk, st.data(), ld, vb + k0 * vsn, vsn, 1.f, o.data(), D);
       }
       for (int64_t i = 0; i < mq; ++i) {
-        const int64_t qi = q0 + i;
+        const int64_t qi = sq0 + q0 + i;  // packed row
         const bool any = l[i] > 0.f;
         lp[(b * H + h) * Nq + qi] = any ? static_cast<float>((m[i] + std::log2(l[i])) * M_LN2)
                                         : ninf;

@@ -4,11 +4,18 @@
 //   q [B, Nq, H, D], k/v [B, Nk, Hk, D] (fp16/bf16, D 64 or 128), block_idx int32
 //   [B, H, nbq, max_k], block_cnt int32 [B, H, nbq] -> out [B, Nq, H, D], lse fp32 [B, H, Nq]
 //
-// Nothing here syncs with the host, so values inside block_idx/block_cnt are not validated:
-// counts are clamped into [0, max_k] and out-of-range columns are skipped by the kernel (never
-// an out-of-bounds access). The CPU op raises on both instead.
+//   packed varlen: cu_seqlens_q/_k int32 [S + 1], q [1, total_q, H, D], k/v [1, total_k, Hk, D],
+//   block_idx [S, H, nbq_max, max_k], block_cnt [S, H, nbq_max]
+//
+// Nothing here syncs with the host, so values inside block_idx/block_cnt and cu_seqlens are not
+// validated: counts are clamped into [0, max_k], out-of-range columns are skipped and offsets
+// are clamped by the kernel (never an out-of-bounds access). In varlen mode out/lse start as
+// 0/-inf so rows that malformed offsets leave uncovered stay defined. The CPU op raises on all
+// of these instead.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,6 +25,7 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -45,14 +53,31 @@ cudaError_t launch_bsa(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       v.stride(1), v.stride(2), scale, causal, stream);
 }
 
+template <typename T>
+cudaError_t launch_bsa_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& idx, const at::Tensor& cnt,
+                              const at::Tensor& cu_q, const at::Tensor& cu_k, at::Tensor& out,
+                              at::Tensor& lse, int64_t block_size, float scale, bool causal,
+                              cudaStream_t stream) {
+  return BlockSparseAttentionVarlen<T>(
+      static_cast<const T*>(q.const_data_ptr()), static_cast<const T*>(k.const_data_ptr()),
+      static_cast<const T*>(v.const_data_ptr()), idx.const_data_ptr<int32_t>(),
+      cnt.const_data_ptr<int32_t>(), cu_q.const_data_ptr<int32_t>(),
+      cu_k.const_data_ptr<int32_t>(), static_cast<T*>(out.data_ptr()), lse.data_ptr<float>(),
+      idx.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), idx.size(3),
+      idx.size(2), block_size, q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1),
+      v.stride(2), scale, causal, stream);
+}
+
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_idx,
     const at::Tensor& block_cnt, int64_t block_size, std::optional<double> scale_opt,
-    bool causal) {
+    bool causal, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k) {
   checks::check_block_sparse_attention_ranks(q, k, v);
   TS_CHECK(q.is_cuda(), "q must be a CUDA tensor here, got ", q.device());
   const checks::BlockSparseAttentionDims d = checks::check_block_sparse_attention_args(
-      q, k, v, block_idx, block_cnt, block_size,
+      q, k, v, block_idx, block_cnt, block_size, cu_seqlens_q, cu_seqlens_k,
       [](at::ScalarType dt) {
         TS_CHECK(dt == at::kHalf || dt == at::kBFloat16,
                  "q must be float16 or bfloat16 on CUDA, got ", dt);
@@ -66,12 +91,32 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   TS_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
 
   const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (d.varlen) {
+    at::Tensor out = at::zeros({B, Nq, H, D}, q.options());
+    at::Tensor lse = at::full({B, H, Nq}, -std::numeric_limits<float>::infinity(),
+                              q.options().dtype(at::kFloat));
+    if (Nq == 0 || H == 0 || d.S == 0) return {out, lse};
+    const at::Tensor idx = block_idx.contiguous();
+    const at::Tensor cnt = block_cnt.contiguous();
+    const at::Tensor cu_q = cu_seqlens_q->contiguous();
+    const at::Tensor cu_k = cu_seqlens_k->contiguous();
+    cudaError_t err;
+    if (dt == at::kHalf) {
+      err = launch_bsa_varlen<__half>(q, k, v, idx, cnt, cu_q, cu_k, out, lse, block_size,
+                                      float(scale), causal, stream);
+    } else {
+      err = launch_bsa_varlen<__nv_bfloat16>(q, k, v, idx, cnt, cu_q, cu_k, out, lse,
+                                             block_size, float(scale), causal, stream);
+    }
+    C10_CUDA_CHECK(err);
+    return {out, lse};
+  }
   at::Tensor out = at::empty({B, Nq, H, D}, q.options());
   at::Tensor lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
   if (B == 0 || Nq == 0 || H == 0) return {out, lse};
   const at::Tensor idx = block_idx.contiguous();
   const at::Tensor cnt = block_cnt.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err;
   if (dt == at::kHalf) {
     err = launch_bsa<__half>(q, k, v, idx, cnt, out, lse, block_size, float(scale), causal,

@@ -63,9 +63,47 @@ static void TestVisibilityBruteForce() {
   }
 }
 
+// seq_span: exact on well-formed cu_seqlens; in bounds (every row it yields inside [0, total),
+// nq <= nk) for arbitrary int32 contents, as the CUDA kernel relies on.
+static void TestSeqSpan() {
+  const int32_t cu_q[] = {0, 3, 3, 10, 12};
+  const int32_t cu_k[] = {0, 5, 9, 20, 20 + 2};
+  const int64_t expect[4][4] = {{0, 3, 0, 5}, {3, 0, 5, 4}, {3, 7, 9, 11}, {10, 2, 20, 2}};
+  for (int64_t s = 0; s < 4; ++s) {
+    const bk::SeqSpan sp = bk::seq_span(cu_q, cu_k, s, 12, 22);
+    CHECK_EQ(sp.q_begin, expect[s][0]);
+    CHECK_EQ(sp.nq, expect[s][1]);
+    CHECK_EQ(sp.k_begin, expect[s][2]);
+    CHECK_EQ(sp.nk, expect[s][3]);
+  }
+  // Malformed: every combination of a few awkward values (negative, decreasing, past the end,
+  // INT32 extremes, nq > nk).
+  const int32_t vals[] = {-2147483647 - 1, -5, 0, 2, 7, 9, 2147483647};
+  const int64_t total_q = 7, total_k = 9;
+  for (int32_t a : vals)
+    for (int32_t b : vals)
+      for (int32_t c : vals)
+        for (int32_t d : vals) {
+          const int32_t q2[] = {a, b}, k2[] = {c, d};
+          const bk::SeqSpan sp = bk::seq_span(q2, k2, 0, total_q, total_k);
+          CHECK(sp.q_begin >= 0 && sp.nq >= 0 && sp.q_begin + sp.nq <= total_q);
+          CHECK(sp.k_begin >= 0 && sp.nk >= 0 && sp.k_begin + sp.nk <= total_k);
+          CHECK(sp.nq <= sp.nk);
+          const bool valid = 0 <= a && a <= b && b <= total_q && 0 <= c && c <= d &&
+                             d <= total_k && b - a <= d - c;
+          if (valid) {
+            CHECK_EQ(sp.q_begin, a);
+            CHECK_EQ(sp.nq, b - a);
+            CHECK_EQ(sp.k_begin, c);
+            CHECK_EQ(sp.nk, d - c);
+          }
+        }
+}
+
 int main() {
   TestSizes();
   TestVisibilityBruteForce();
+  TestSeqSpan();
   if (g_failures) {
     std::fprintf(stderr, "test_block_index: %d failure(s)\n", g_failures);
     return 1;

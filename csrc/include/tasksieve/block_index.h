@@ -19,6 +19,13 @@
 //                                                   kPartial (needs the per-element mask)
 //   bool    block_column_valid(int64_t c, int64_t nbk)              0 <= c < nbk
 //   int64_t clamp_block_count(int64_t cnt, int64_t max_k)           clamp into [0, max_k]
+//
+// Packed varlen (flash-attn cu_seqlens): S sequences packed along the token dim; sequence s owns
+// query rows [cu_q[s], cu_q[s+1]) of the total_q packed queries and key rows [cu_k[s], cu_k[s+1])
+// of the total_k packed keys, and is a dense problem of its own (Nq = nq, Nk = nk above, key
+// block columns relative to its first key).
+//   SeqSpan seq_span(cu_q, cu_k, s, total_q, total_k)             {q_begin, nq, k_begin, nk}
+//                                                   clamped: in bounds for ANY int32 contents
 #pragma once
 
 #include <cstdint>
@@ -64,6 +71,24 @@ TS_HOST_DEVICE TS_INLINE bool block_column_valid(int64_t c, int64_t nbk) {
 
 TS_HOST_DEVICE TS_INLINE int64_t clamp_block_count(int64_t cnt, int64_t max_k) {
   return ts_clamp(cnt, int64_t{0}, max_k);
+}
+
+struct SeqSpan {
+  int64_t q_begin, nq, k_begin, nk;
+};
+
+// cu_q, cu_k hold S + 1 entries; s < S. The CPU op validates cu_seqlens fully, so there the
+// clamps change nothing; the CUDA kernel cannot raise without a host sync, so for malformed
+// offsets the clamps keep every row it touches inside [0, total): begins into [0, total], ends
+// into [begin, total], and nq <= nk so that query positions k_begin + nk - nq + i stay inside
+// the sequence's keys.
+TS_HOST_DEVICE TS_INLINE SeqSpan seq_span(const int32_t* cu_q, const int32_t* cu_k, int64_t s,
+                                          int64_t total_q, int64_t total_k) {
+  const int64_t qb = ts_clamp(static_cast<int64_t>(cu_q[s]), int64_t{0}, total_q);
+  const int64_t qe = ts_clamp(static_cast<int64_t>(cu_q[s + 1]), qb, total_q);
+  const int64_t kb = ts_clamp(static_cast<int64_t>(cu_k[s]), int64_t{0}, total_k);
+  const int64_t ke = ts_clamp(static_cast<int64_t>(cu_k[s + 1]), kb, total_k);
+  return {qb, ts_min(qe - qb, ke - kb), kb, ke - kb};
 }
 
 }  // namespace block

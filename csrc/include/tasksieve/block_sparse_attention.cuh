@@ -15,8 +15,22 @@
 // An out-of-range column (c < 0 or c >= nbk) is skipped: never an out-of-bounds access (the
 // device cannot raise without a host sync; the CPU op raises instead).
 //
-// Kernel: one CTA of 4 warps per (b, h, query block r, 64-row chunk of the block). The Q chunk
-// [64, D] sits in shared memory; the listed key blocks are walked in 64-key sub-tiles:
+//   BlockSparseAttentionVarlen<T>(q, k, v, block_idx, block_cnt, cu_seqlens_q, cu_seqlens_k,
+//                                 out, lse, S, total_q, total_k, H, Hk, D, max_k, nbq_max,
+//                                 block_size, strides..., scale, causal, stream) -> cudaError_t
+//
+// Packed varlen (flash-attn cu_seqlens, int32 [S + 1] each): q [total_q, H, D], k/v
+// [total_k, Hk, D] (token and head strides), out [total_q, H, D] and lse [H, total_q]
+// contiguous, block_idx [S, H, nbq_max, max_k], block_cnt [S, H, nbq_max]. Sequence s is the
+// dense problem on its rows (block::seq_span). The offsets are not validated (no host sync):
+// they are clamped into range, so malformed values never cause an out-of-bounds access, but
+// the rows of such sequences (and query blocks past nbq_max) are then not, or not uniquely,
+// written: the caller pre-fills out with 0 and lse with -inf to keep uncovered rows defined.
+//
+// Kernel: one CTA of 4 warps per (b or sequence s, h, query block r, 64-row chunk of the
+// block); in varlen mode a CTA whose query block lies past its sequence's end exits at once.
+// The Q chunk [64, D] sits in shared memory; the listed key blocks are walked in 64-key
+// sub-tiles:
 //   K sub-tile -> smem; S = Q K^T with WMMA m16n16k16 (fp32 accumulate), each warp 16 rows;
 //   online softmax in fp32 (exp2, scale * log2 e folded in), per-element causal mask only when
 //   the (chunk, sub-tile) pair straddles the diagonal (block::tile_visibility), tiles above the
@@ -103,16 +117,21 @@ __device__ __forceinline__ void LoadTile(T* __restrict__ dst, int ld, const T* _
   }
 }
 
-template <typename T, int D>
+// Nq, Nk: the token dims of the tensors (packed totals in varlen mode); nbq: query blocks per
+// index row (ceil(Nq / bs) dense, nbq_max varlen). Varlen is a template flag so the dense
+// instantiation compiles to the same code as before varlen existed (cu_q, cu_k unused there).
+template <typename T, int D, bool Varlen>
 __global__ void __launch_bounds__(kThreads)
     BlockSparseAttentionKernel(const T* __restrict__ q, const T* __restrict__ k,
                                const T* __restrict__ v, const int32_t* __restrict__ block_idx,
-                               const int32_t* __restrict__ block_cnt, T* __restrict__ out,
-                               float* __restrict__ lse, int64_t Nq, int64_t Nk, int64_t H,
-                               int64_t Hk, int64_t max_k, int64_t bs, int64_t chunks,
-                               int64_t qsb, int64_t qsn, int64_t qsh, int64_t ksb, int64_t ksn,
-                               int64_t ksh, int64_t vsb, int64_t vsn, int64_t vsh,
-                               float scale_log2, bool causal, bool vec_q, bool vec_kv) {
+                               const int32_t* __restrict__ block_cnt,
+                               const int32_t* __restrict__ cu_q, const int32_t* __restrict__ cu_k,
+                               T* __restrict__ out, float* __restrict__ lse, int64_t Nq,
+                               int64_t Nk, int64_t H, int64_t Hk, int64_t max_k, int64_t nbq,
+                               int64_t bs, int64_t chunks, int64_t qsb, int64_t qsn, int64_t qsh,
+                               int64_t ksb, int64_t ksn, int64_t ksh, int64_t vsb, int64_t vsn,
+                               int64_t vsh, float scale_log2, bool causal, bool vec_q,
+                               bool vec_kv) {
   using namespace nvcuda;
   using S = Smem<D>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -125,22 +144,33 @@ __global__ void __launch_bounds__(kThreads)
   float* sL = sM + kBM;
   float* sA = sL + kBM;
 
-  const int64_t nbq = block::num_blocks(Nq, bs), nbk = block::num_blocks(Nk, bs);
   int64_t bid = blockIdx.x;
   const int64_t chunk = bid % chunks;
   bid /= chunks;
   const int64_t r = bid % nbq;
   bid /= nbq;
-  const int64_t h = bid % H, b = bid / H;
+  const int64_t h = bid % H, s = bid / H;  // s: index row (batch row, or packed sequence)
   const int64_t hk = h / (H / Hk);
-  const int64_t qb0 = block::block_begin(r, bs), qb1 = block::block_end(r, bs, Nq);
+  // The problem of this CTA: Nq_s queries (the last of Nk_s keys) from token row sq0 of batch
+  // row b, keys from row sk0. Dense: the whole batch row s.
+  int64_t b = s, sq0 = 0, sk0 = 0, Nq_s = Nq, Nk_s = Nk;
+  if constexpr (Varlen) {
+    const block::SeqSpan sp = block::seq_span(cu_q, cu_k, s, Nq, Nk);
+    b = 0;
+    sq0 = sp.q_begin;
+    sk0 = sp.k_begin;
+    Nq_s = sp.nq;
+    Nk_s = sp.nk;
+  }
+  const int64_t nbk = block::num_blocks(Nk_s, bs);
+  const int64_t qb0 = block::block_begin(r, bs), qb1 = block::block_end(r, bs, Nq_s);
   const int64_t q0 = qb0 + chunk * kBM;
-  if (q0 >= qb1) return;  // uniform over the CTA (bs < 64 never has chunk > 0)
+  if (q0 >= qb1) return;  // uniform over the CTA (bs < 64 never has chunk > 0; varlen tails)
   const int64_t q1 = ts_min(q0 + kBM, qb1);
   const int mq = static_cast<int>(q1 - q0);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const T* qbase = q + b * qsb + h * qsh + q0 * qsn;
+  const T* qbase = q + b * qsb + h * qsh + (sq0 + q0) * qsn;
   LoadTile<T, D, kBM>(sQ, S::kLdQ, qbase, qsn, mq, vec_q);
   for (int e = threadIdx.x; e < kBM * D; e += kThreads) sO[(e / D) * S::kLdO + e % D] = 0.f;
   for (int e = threadIdx.x; e < kBM; e += kThreads) {
@@ -149,19 +179,19 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  const int64_t row = (b * H + h) * nbq + r;
+  const int64_t row = (s * H + h) * nbq + r;
   const int64_t n = block::clamp_block_count(static_cast<int64_t>(block_cnt[row]), max_k);
   const int32_t* cols = block_idx + row * max_k;
-  const T* kbase = k + b * ksb + hk * ksh;
-  const T* vbase = v + b * vsb + hk * vsh;
+  const T* kbase = k + b * ksb + hk * ksh + sk0 * ksn;
+  const T* vbase = v + b * vsb + hk * vsh + sk0 * vsn;
 
   for (int64_t e = 0; e < n; ++e) {
     const int64_t c = cols[e];
     if (!block::block_column_valid(c, nbk)) continue;  // uniform: skip invalid columns
-    const int64_t kb0 = block::block_begin(c, bs), kb1 = block::block_end(c, bs, Nk);
+    const int64_t kb0 = block::block_begin(c, bs), kb1 = block::block_end(c, bs, Nk_s);
     for (int64_t k0 = kb0; k0 < kb1; k0 += kBN) {
       const int64_t k1 = ts_min(k0 + kBN, kb1);
-      const auto vis = block::tile_visibility(q0, q1, k0, k1, Nq, Nk, causal);
+      const auto vis = block::tile_visibility(q0, q1, k0, k1, Nq_s, Nk_s, causal);
       if (vis == block::kSkip) continue;
       const int nk = static_cast<int>(k1 - k0);
       LoadTile<T, D, kBN>(sKV, S::kLdQ, kbase + k0 * ksn, ksn, nk, vec_kv);
@@ -197,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
         if (i < mq) {
           lim = nk;
           if (vis == block::kPartial) {
-            const int64_t ke = block::query_key_end(q0 + i, Nq, Nk, true) - k0;
+            const int64_t ke = block::query_key_end(q0 + i, Nq_s, Nk_s, true) - k0;
             lim = static_cast<int>(ts_clamp(ke, int64_t{0}, static_cast<int64_t>(nk)));
           }
         }
@@ -258,13 +288,52 @@ __global__ void __launch_bounds__(kThreads)
     const int i = e / D, d = e % D;
     const float l = sL[i];
     const float val = l > 0.f ? sO[i * S::kLdO + d] / l : 0.f;
-    out[((b * Nq + q0 + i) * H + h) * D + d] = from_float<T>(val);
+    out[((b * Nq + sq0 + q0 + i) * H + h) * D + d] = from_float<T>(val);
   }
   for (int i = threadIdx.x; i < mq; i += kThreads) {
     const float l = sL[i];
-    lse[(b * H + h) * Nq + q0 + i] =
+    lse[(b * H + h) * Nq + sq0 + q0 + i] =
         l > 0.f ? (sM[i] + log2f(l)) * 0.6931471805599453f : ts_neg_inf();
   }
+}
+
+// Shared launch: rows = index rows (B dense, S varlen), nbq query blocks per row.
+template <typename T>
+cudaError_t Launch(const T* q, const T* k, const T* v, const int32_t* block_idx,
+                   const int32_t* block_cnt, const int32_t* cu_q, const int32_t* cu_k, T* out,
+                   float* lse, int64_t rows, int64_t Nq, int64_t Nk, int64_t H, int64_t Hk,
+                   int64_t D, int64_t max_k, int64_t nbq, int64_t block_size, int64_t qsb,
+                   int64_t qsn, int64_t qsh, int64_t ksb, int64_t ksn, int64_t ksh, int64_t vsb,
+                   int64_t vsn, int64_t vsh, float scale, bool causal, cudaStream_t stream) {
+  if (block_size != 16 && block_size != 32 && block_size != 64 && block_size != 128)
+    return cudaErrorInvalidValue;
+  const int64_t chunks = ceil_div(block_size, static_cast<int64_t>(kBM));
+  const int64_t grid = rows * H * nbq * chunks;
+  if (grid == 0) return cudaSuccess;
+  if (grid > 2147483647LL) return cudaErrorInvalidConfiguration;
+  const bool vec_q = is_aligned(q, 16) && qsb % 8 == 0 && qsn % 8 == 0 && qsh % 8 == 0;
+  const bool vec_kv = is_aligned(k, 16) && is_aligned(v, 16) && ksb % 8 == 0 && ksn % 8 == 0 &&
+                      ksh % 8 == 0 && vsb % 8 == 0 && vsn % 8 == 0 && vsh % 8 == 0;
+  const float scale_log2 = scale * 1.4426950408889634f;
+  auto launch = [&](auto kernel, size_t smem) -> cudaError_t {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(
+        q, k, v, block_idx, block_cnt, cu_q, cu_k, out, lse, Nq, Nk, H, Hk, max_k, nbq,
+        block_size, chunks, qsb, qsn, qsh, ksb, ksn, ksh, vsb, vsn, vsh, scale_log2, causal,
+        vec_q, vec_kv);
+    return cudaGetLastError();
+  };
+  if (cu_q != nullptr) {
+    if (D == 64) return launch(BlockSparseAttentionKernel<T, 64, true>, Smem<64>::kBytes);
+    if (D == 128) return launch(BlockSparseAttentionKernel<T, 128, true>, Smem<128>::kBytes);
+  } else {
+    if (D == 64) return launch(BlockSparseAttentionKernel<T, 64, false>, Smem<64>::kBytes);
+    if (D == 128) return launch(BlockSparseAttentionKernel<T, 128, false>, Smem<128>::kBytes);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace bsa_detail
@@ -277,32 +346,30 @@ cudaError_t BlockSparseAttention(const T* q, const T* k, const T* v, const int32
                                  int64_t qsh, int64_t ksb, int64_t ksn, int64_t ksh, int64_t vsb,
                                  int64_t vsn, int64_t vsh, float scale, bool causal,
                                  cudaStream_t stream) {
-  using namespace bsa_detail;
   if (B == 0 || H == 0 || Nq == 0) return cudaSuccess;
-  if (Hk <= 0 || H % Hk != 0 || Nq > Nk) return cudaErrorInvalidValue;
-  if (block_size != 16 && block_size != 32 && block_size != 64 && block_size != 128)
+  if (Hk <= 0 || H % Hk != 0 || Nq > Nk || block_size <= 0) return cudaErrorInvalidValue;
+  return bsa_detail::Launch<T>(q, k, v, block_idx, block_cnt, nullptr, nullptr, out, lse, B, Nq,
+                               Nk, H, Hk, D, max_k, block::num_blocks(Nq, block_size),
+                               block_size, qsb, qsn, qsh, ksb, ksn, ksh, vsb, vsn, vsh, scale,
+                               causal, stream);
+}
+
+template <typename T>
+cudaError_t BlockSparseAttentionVarlen(const T* q, const T* k, const T* v,
+                                       const int32_t* block_idx, const int32_t* block_cnt,
+                                       const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,
+                                       T* out, float* lse, int64_t S, int64_t total_q,
+                                       int64_t total_k, int64_t H, int64_t Hk, int64_t D,
+                                       int64_t max_k, int64_t nbq_max, int64_t block_size,
+                                       int64_t qsn, int64_t qsh, int64_t ksn, int64_t ksh,
+                                       int64_t vsn, int64_t vsh, float scale, bool causal,
+                                       cudaStream_t stream) {
+  if (S == 0 || H == 0 || total_q == 0 || nbq_max == 0) return cudaSuccess;
+  if (Hk <= 0 || H % Hk != 0 || cu_seqlens_q == nullptr || cu_seqlens_k == nullptr)
     return cudaErrorInvalidValue;
-  const int64_t nbq = block::num_blocks(Nq, block_size);
-  const int64_t chunks = ceil_div(block_size, static_cast<int64_t>(kBM));
-  const int64_t grid = B * H * nbq * chunks;
-  if (grid > 2147483647LL) return cudaErrorInvalidConfiguration;
-  const bool vec_q = is_aligned(q, 16) && qsb % 8 == 0 && qsn % 8 == 0 && qsh % 8 == 0;
-  const bool vec_kv = is_aligned(k, 16) && is_aligned(v, 16) && ksb % 8 == 0 && ksn % 8 == 0 &&
-                      ksh % 8 == 0 && vsb % 8 == 0 && vsn % 8 == 0 && vsh % 8 == 0;
-  const float scale_log2 = scale * 1.4426950408889634f;
-  auto launch = [&](auto kernel, size_t smem) -> cudaError_t {
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(
-        q, k, v, block_idx, block_cnt, out, lse, Nq, Nk, H, Hk, max_k, block_size, chunks, qsb,
-        qsn, qsh, ksb, ksn, ksh, vsb, vsn, vsh, scale_log2, causal, vec_q, vec_kv);
-    return cudaGetLastError();
-  };
-  if (D == 64) return launch(BlockSparseAttentionKernel<T, 64>, Smem<64>::kBytes);
-  if (D == 128) return launch(BlockSparseAttentionKernel<T, 128>, Smem<128>::kBytes);
-  return cudaErrorInvalidValue;
+  return bsa_detail::Launch<T>(q, k, v, block_idx, block_cnt, cu_seqlens_q, cu_seqlens_k, out,
+                               lse, S, total_q, total_k, H, Hk, D, max_k, nbq_max, block_size,
+                               0, qsn, qsh, 0, ksn, ksh, 0, vsn, vsh, scale, causal, stream);
 }
 
 #ifdef TASKSIEVE_COMPILE_CHECK
@@ -311,9 +378,18 @@ cudaError_t BlockSparseAttention(const T* q, const T* k, const T* v, const int32
       const T*, const T*, const T*, const int32_t*, const int32_t*, T*, float*, int64_t,      \
       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, bool, cudaStream_t);
+#define TASKSIEVE_INSTANTIATE_BSA_VARLEN(T)                                                   \
+  template cudaError_t BlockSparseAttentionVarlen<T>(                                         \
+      const T*, const T*, const T*, const int32_t*, const int32_t*, const int32_t*,           \
+      const int32_t*, T*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,       \
+      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, \
+      bool, cudaStream_t);
 TASKSIEVE_INSTANTIATE_BSA(__half)
 TASKSIEVE_INSTANTIATE_BSA(__nv_bfloat16)
+TASKSIEVE_INSTANTIATE_BSA_VARLEN(__half)
+TASKSIEVE_INSTANTIATE_BSA_VARLEN(__nv_bfloat16)
 #undef TASKSIEVE_INSTANTIATE_BSA
+#undef TASKSIEVE_INSTANTIATE_BSA_VARLEN
 #endif
 
 }  // namespace tasksieve

@@ -14,6 +14,8 @@ vector paths must fall back), empty selections, NaN and tied scores, kv lists of
 (the launcher chunks long lists), the in-place gather, and invalid window indices (the CUDA
 gather must write zeros there and never touch memory out of bounds).
 
+FlexPrefill's cases live in bench/sanitize_flex.py, PreMoe's in bench/sanitize_moe.py.
+
 Every result is also compared with the pure-torch reference on the CPU (so the GPU runs only our
 kernels plus a few copies). Exit status: 0 when every case ran and matched, 1 otherwise, 2 when
 no CUDA kernel is registered. Without a GPU the script says so and exits 0 (nothing to check).
@@ -363,6 +365,13 @@ def main(argv=None) -> int:
         cases_select_windows(r)
     if have["gather_windows"] or have["gather_windows_"]:
         cases_gather(r)
+    # The other families keep their cases in their own files next to this one.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import sanitize_flex
+    import sanitize_moe
+
+    have.update(sanitize_flex.cases(r, DEV, _close, _sync))
+    have.update(sanitize_moe.cases(r, DEV, _close, _sync))
     missing = [op for op, v in have.items() if not v]
     print(f"sanitize_ops: {r.n} cases, {len(r.failed)} failed"
           + (f"; ops without a {key} kernel (reference ran instead): {', '.join(missing)}"

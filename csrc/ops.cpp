@@ -43,9 +43,16 @@ TORCH_LIBRARY(tasksieve, m) {
   // causal masks keys past the query's position (only on blocks straddling the diagonal).
   // fp32 online softmax; scale default 1/sqrt(D). -> out [B, Nq, H, D] (q's dtype),
   // lse fp32 [B, H, Nq] natural log (-inf and out 0 for a row with no visible key).
+  // Packed varlen (flash-attn): cu_seqlens_q, cu_seqlens_k int32 [S + 1] (both or neither;
+  // 0 = c[0] <= c[1] <= ... <= c[S] = total). q [1, total_q, H, D], k/v [1, total_k, Hk, D];
+  // sequence s = the dense problem above on q rows cu_q[s]..cu_q[s+1] (nq_s <= nk_s) and k/v
+  // rows cu_k[s]..cu_k[s+1], with block_idx [S, H, nbq_max, max_k], block_cnt [S, H, nbq_max]
+  // (nbq_max >= ceil(max nq_s / bs); rows r >= ceil(nq_s / bs) ignored; columns relative to the
+  // sequence's keys). -> out [1, total_q, H, D], lse [1, H, total_q]. The CPU op validates the
+  // offsets; the CUDA op cannot without a host sync and clamps them (never out of bounds).
   m.def("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor block_idx, "
-        "Tensor block_cnt, int block_size, float? scale=None, bool causal=True) -> "
-        "(Tensor, Tensor)");
+        "Tensor block_cnt, int block_size, float? scale=None, bool causal=True, "
+        "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)");
   // p, q [..., n] float (same shape; math fp32): Jensen-Shannon distance per row. Each row is
   // normalised to sum 1 (a row summing to 0 - fully masked - is uniform), clamped to >= eps and
   // renormalised (no 0 * log 0); D = sqrt(max(0, 1/2 sum p log(p/m) + 1/2 sum q log(q/m))),
@@ -88,4 +95,50 @@ TORCH_LIBRARY(tasksieve, m) {
   m.def("select_blocks(Tensor vertical, Tensor slash, Tensor qa_map, Tensor is_query_aware, "
         "int q_len, int kv_len, int block_size, float gamma, int min_blocks, int max_blocks) "
         "-> (Tensor, Tensor)");
+
+  // ---- PreMoe: routing ----------------------------------------------------------------------
+  // router_logits [T, E] float (math fp32). Per token: sel = top_k experts by logit (ties to the
+  // lower id); p = softmax over the k selected logits; acc[i] += z_i for every i in sel with
+  // p_i >= r (r <= 0: every selected expert, the published default with top_k = 1); count += T.
+  // TCESS = acc / count. acc float64 [E], count int64 [1], both mutated in place.
+  m.def("tcess_update(Tensor router_logits, int top_k, float r, Tensor(a!) acc, "
+        "Tensor(b!) count) -> ()");
+  // router_logits [T, E] float -> (topk_weights fp32 [T, k], topk_ids int32 [T, k]), columns in
+  // descending selection score, ties to the lower expert id. keep_mask bool [E] (None = all
+  // kept): pruned experts can never be selected; at least top_k must be kept.
+  //   scoring 'softmax': s = softmax(z) over kept experts (over all E when mask_full); select by
+  //     s (+ bias); w = s; renormalize: w /= sum of the k.
+  //   'sigmoid': s = sigmoid(z); select by s + bias; w = s (unbiased); renormalize as above.
+  //   'topk_softmax': select by z (+ bias); w = softmax over the k selected logits.
+  // then w *= scaling. bias fp32 [E] (selection only, DeepSeek-V3's e_score_correction_bias).
+  m.def("route_topk(Tensor router_logits, int top_k, str scoring='softmax', "
+        "bool renormalize=False, Tensor? keep_mask=None, Tensor? bias=None, float scaling=1.0, "
+        "bool mask_full=False) -> (Tensor, Tensor)");
+  // topk_ids int32/int64 [T, k] in [0, num_experts); slot s = t*k + j. expert_map int32
+  // [num_experts] -> compact id or -1 (slot dropped); None = identity. Slots sorted by compact
+  // expert (ascending), slots ascending within an expert, each expert's run padded to a multiple
+  // of block_m with the sentinel T*k; experts with no slot get no tile.
+  // -> sorted_ids int32 [P], P = round_up(T*k + num_experts*(block_m-1), block_m), sentinel past
+  //    num_padded; tile_expert int32 [P / block_m] (compact id per tile, -1 past the used
+  //    tiles); num_padded int32 [1]. On the device, no host sync.
+  m.def("moe_align(Tensor topk_ids, int num_experts, int block_m, Tensor? expert_map=None) -> "
+        "(Tensor, Tensor, Tensor)");
+
+  // ---- PreMoe: expert GEMM ----------------------------------------------------------------------
+  // The grouped GEMM over the tiles of moe_align. w [E_c, N, K] (out x in, contiguous). Input
+  // row of slot s: x[s // top_k] of x [T, K] when gather, else x[s] of x [T*top_k, K].
+  // activation 'none': y[s] = A_s . w[e]^T; 'silu_mul' (N = 2I, gate rows first, then up):
+  // y[s] = silu(A_s . w[e, :I]^T) * (A_s . w[e, I:]^T). topk_weights [T, top_k] float:
+  // y[s] *= topk_weights.flatten()[s] in the epilogue. fp32 accumulation.
+  // -> y [T*top_k, N or I] in x's dtype; rows of slots that no tile lists are 0.
+  m.def("expert_gemm(Tensor x, Tensor w, Tensor sorted_ids, Tensor tile_expert, "
+        "Tensor num_padded, int block_m, int top_k, bool gather, str activation='none', "
+        "Tensor? topk_weights=None) -> Tensor");
+  // The whole routed-expert FFN. x [T, H], w13 [E_c, 2I, H] (gate rows, then up rows: HF v5
+  // gate_up_proj), w2 [E_c, H, I], topk_ids int32/int64 [T, k], topk_weights float [T, k],
+  // expert_map as moe_align (None: ids index w13 directly).
+  // -> out [T, H] in x's dtype = sum_j topk_weights[t, j] * w2[e] . (silu(gate_e x) * up_e x),
+  //    e = expert of slot (t, j); dropped slots add nothing.
+  m.def("moe_forward(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, "
+        "Tensor? expert_map=None) -> Tensor");
 }

@@ -180,3 +180,35 @@ def test_cli(tmp_path, monkeypatch, capsys, tiny_ceilings):
     assert "| kv_window | gather_windows |" in out
     assert (tmp_path / "kv_window_cpu_quick.csv").exists()
     assert not (tmp_path / "kv_window_cpu_quick.png").exists()
+
+
+def test_flex_pipeline_tiny_run(tmp_path, tiny_ceilings):
+    """Every stage row is timed and the pattern note reflects a real selection."""
+    shape = {"N": 640, "H": 4, "Hk": 2, "D": 64, "bs": 64}
+    res = bench.run_benchmarks("cpu", quick=True, only=["flex_pipeline"], out=tmp_path,
+                               family_kwargs={"flex_pipeline": {"shapes": [shape]}},
+                               ceilings=tiny_ceilings, plot=False, log=lambda *a: None)
+    assert res["errors"] == {}
+    rows = {r["case"]: r for r in res["rows"] if r["family"] == "flex_pipeline"}
+    assert list(rows) == ["estimate", "classify", "select", "attention", "total", "selection_share",
+                          "attention_throughput", "attention_vs_flex"]
+    for case in ("estimate", "classify", "select", "attention", "total"):
+        assert rows[case]["ms"] > 0 and rows[case]["base_ms"] > 0
+    ratio = float(rows["attention"]["note"].split("%")[0])
+    assert 0 < ratio <= 100
+    share = rows["selection_share"]
+    assert 0 < share["ms"] and share["base_ms"] == rows["total"]["ms"]
+    assert rows["attention_throughput"]["tflops"] > 0
+    assert "skipped on CPU" in rows["attention_vs_flex"]["note"]
+
+
+def test_sanitizer_workload_self_test():
+    """bench/sanitize_ops.py (the compute-sanitizer workload of device_check.sh) runs every case on the CPU
+    kernels and matches: a broken case would otherwise only show up on a lent GPU."""
+    import importlib.util
+
+    path = bench.BENCH_DIR / "sanitize_ops.py"
+    spec = importlib.util.spec_from_file_location("tasksieve_sanitize_ops", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu"]) == 0

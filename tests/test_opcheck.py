@@ -74,6 +74,20 @@ def _block_sparse_attention_samples(device):
         out.append(((q, k, v, idx.to(device), cnt.to(device), bs), {}))
         out.append(((q, k, v, idx.to(device), cnt.to(device), bs), {"scale": 0.1,
                                                                       "causal": False}))
+    # packed varlen: 3 sequences (one without queries), nq < nk, lengths off the block grid
+    nqs, nks, H, Hk, D, bs = [3, 0, 20], [37, 5, 20], 4, 2, 64, 16
+    for dtype in dtypes:
+        q = torch.randn(1, sum(nqs), H, D, generator=g).to(dtype=dtype, device=device)
+        k = torch.randn(1, sum(nks), Hk, D, generator=g).to(dtype=dtype, device=device)
+        v = torch.randn(1, sum(nks), Hk, D, generator=g).to(dtype=dtype, device=device)
+        cu_q = torch.tensor([0, 3, 3, 23], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0, 37, 42, 62], dtype=torch.int32, device=device)
+        nbk = torch.tensor([-(-n // bs) for n in nks], dtype=torch.int32)
+        idx = torch.arange(3, dtype=torch.int32).expand(3, H, 2, 3).contiguous()
+        cnt = (torch.rand(3, H, 2, generator=g) * (nbk.view(3, 1, 1) + 1)).to(torch.int32)
+        out.append(((q, k, v, idx.to(device), cnt.to(device), bs),
+                    {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k}))
+        out.append(((q, k, v, idx.to(device), cnt.to(device), bs, 0.2, False, cu_q, cu_k), {}))
     return out
 
 
@@ -119,6 +133,78 @@ def _select_blocks_samples(device):
     return out
 
 
+# ---- PreMoe routing samples (tcess_update, route_topk, moe_align) ----
+def _tcess_update_samples(device):
+    g = _gen(7)
+    out = []
+    for (T, E, k, r, dtype) in [(5, 8, 2, 0.1, torch.float32), (9, 6, 3, -1.0, torch.bfloat16),
+                                (0, 4, 1, 0.0, torch.float16)]:
+        z = torch.randn(T, E, generator=g).to(dtype=dtype, device=device)
+        acc = torch.randn(E, generator=g, dtype=torch.float64).to(device)
+        count = torch.tensor([3], dtype=torch.int64, device=device)
+        out.append(((z, k, r, acc, count), {}))
+    return out
+
+
+def _route_topk_samples(device):
+    g = _gen(8)
+    z = torch.randn(7, 10, generator=g).to(device)
+    keep = (torch.arange(10) % 3 != 0).to(device)
+    bias = torch.randn(10, generator=g).to(device)
+    return [((z, 3), {}),
+            ((z, 2, "softmax", False, keep), {"mask_full": True}),
+            ((z.bfloat16(), 4, "sigmoid", True, None, bias, 2.5), {}),
+            ((z.half(), 2, "topk_softmax"), {"keep_mask": keep}),
+            ((z[:0], 2, "softmax", True), {})]
+
+
+def _moe_align_samples(device):
+    g = _gen(9)
+    ids = torch.randint(0, 6, (5, 3), generator=g, dtype=torch.int32).to(device)
+    emap = torch.tensor([2, -1, 0, 1, -1, 3], dtype=torch.int32, device=device)
+    return [((ids, 6, 4), {}), ((ids.long(), 6, 16, emap), {}), ((ids, 6, 1), {}),
+            ((ids[:0], 6, 4), {})]
+
+
+# ---- PreMoe expert GEMM samples (expert_gemm, moe_forward) ----
+def _expert_gemm_samples(device):
+    g = _gen(10)
+    out = []
+    dtypes = ([torch.float32, torch.bfloat16] if device == "cpu"
+              else [torch.bfloat16, torch.float16])
+    for (T, k, E, K, N, bm, gather, act), dtype in zip(
+            [(5, 2, 3, 16, 48, 16, True, "silu_mul"), (7, 1, 4, 8, 40, 32, False, "none")],
+            dtypes):
+        ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k].to(torch.int32).to(device)
+        align = ops.moe_align(ids, E, bm)
+        x = torch.randn(T if gather else T * k, K, generator=g).to(device=device, dtype=dtype)
+        w = torch.randn(E, N, K, generator=g).to(device=device, dtype=dtype)
+        tw = torch.rand(T, k, generator=g).to(device)
+        out.append(((x, w, *align, bm, k, gather), {"activation": act}))
+        out.append(((x, w, *align, bm, k, gather, act, tw), {}))
+    empty = torch.empty(0, 2, dtype=torch.int32, device=device)
+    x0 = torch.empty(0, 8, device=device, dtype=dtypes[1])
+    w0 = torch.randn(2, 16, 8, generator=g).to(device=device, dtype=dtypes[1])
+    out.append(((x0, w0, *ops.moe_align(empty, 2, 16), 16, 2, True, "silu_mul"), {}))
+    return out
+
+
+def _moe_forward_samples(device):
+    g = _gen(11)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    T, E, k, H, I = 6, 4, 2, 16, 24
+    x = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
+    w13 = torch.randn(E, 2 * I, H, generator=g).to(device=device, dtype=dtype)
+    w2 = torch.randn(E, H, I, generator=g).to(device=device, dtype=dtype)
+    ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k].to(device)
+    wts = torch.rand(T, k, generator=g).to(device)
+    emap = torch.tensor([1, -1, 0, 2], dtype=torch.int32, device=device)
+    return [((x, w13, w2, ids, wts), {}),
+            ((x.bfloat16(), w13.bfloat16(), w2.bfloat16(), ids.int(), wts), {}),
+            ((x, w13[:3], w2[:3], ids, wts), {"expert_map": emap}),
+            ((x[:0], w13, w2, ids[:0], wts[:0]), {})]
+
+
 SAMPLES = {
     "block_sparse_attention": _block_sparse_attention_samples,
     "window_scores": _window_scores_samples,
@@ -128,6 +214,13 @@ SAMPLES = {
     "js_divergence": _js_divergence_samples,
     "flex_estimate": _flex_estimate_samples,
     "select_blocks": _select_blocks_samples,
+    # PreMoe routing
+    "tcess_update": _tcess_update_samples,
+    "route_topk": _route_topk_samples,
+    "moe_align": _moe_align_samples,
+    # PreMoe expert GEMM
+    "expert_gemm": _expert_gemm_samples,
+    "moe_forward": _moe_forward_samples,
 }
 
 

@@ -54,6 +54,9 @@ FAMILIES = {
     "kv_window": "bench_kv_window.py",
     "flexprefill": "bench_flexprefill.py",
     "flex_estimate": "bench_flex_estimate.py",
+    "flex_pipeline": "bench_flex_pipeline.py",
+    "moe_route": "bench_moe_route.py",
+    "moe": "bench_moe.py",
 }
 
 # Columns of every row, in CSV order. Times are milliseconds.

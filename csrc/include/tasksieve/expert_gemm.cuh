@@ -1,0 +1,321 @@
+// Sparse expert GEMM (torch-free): PreMoe's grouped GEMM over the kept experts, and the
+// combine over the k slots of a token.
+//
+//   ExpertGemm<T>(x, w, sorted_ids, tile_expert, num_padded, topk_weights, y, S, K, N, E_c, P,
+//                 block_m, top_k, gather, silu_mul, stream) -> cudaError_t
+//   MoeCombine<T>(y, out, T, k, H, stream) -> cudaError_t
+//
+// T = __half or __nv_bfloat16. Layout of moe_align: sorted_ids int32 [P] (slot ids, each
+// expert's run padded to a multiple of block_m with the sentinel S = T*top_k), tile_expert int32
+// [P / block_m] (compact expert, -1 unused), num_padded int32 [1], all on the device (read
+// there: no host sync). x [T, K] (gather: slot s reads row s / top_k) or [S, K]; w [E_c, N, K]
+// contiguous; y [S, N_out] contiguous, N_out = N / 2 with silu_mul (w rows: N/2 gate, N/2 up),
+// else N; topk_weights fp32 [S] or null. K % 8 == 0, x and w 16-byte aligned, block_m in
+// {16, 32, 64}. ExpertGemm writes only the rows of the slots its tiles list; the caller zeroes y
+// when other rows are read.
+//
+// Kernel: one CTA of 4 warps per (tile of block_m sorted rows, 64 output columns). A tile past
+// num_padded, or whose expert is out of [0, E_c), exits before touching memory. The tile's
+// slot ids go to shared memory first; then a kStages-deep cp.async pipeline streams K in steps
+// of 32: the A rows are gathered straight from x through the slot ids (padding rows are
+// zero-filled by cp.async's src-size 0, never read), the B rows are the expert's weight rows
+// (with silu_mul, the 64 gate rows and the 64 matching up rows, so one CTA owns both halves of
+// its columns). MMA: WMMA m16n16k16, fp32 accumulators. Epilogue through shared memory: silu(g)
+// * u, times the router weight of the slot, rounded once to T, written to the slot's row. The
+// padded gate/up product (2I wide) never reaches global memory.
+//
+// MoeCombine: out[t, c] = sum over j < k of y[t*k + j, c], in fp32, in j order (deterministic).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+
+#include "tasksieve/common.h"
+#include "tasksieve/expert_gemm_index.h"
+
+namespace tasksieve {
+
+namespace egemm_detail {
+
+constexpr int kBN = 64;       // output columns per CTA
+constexpr int kBK = 32;       // K elements per pipeline stage
+constexpr int kThreads = 128; // 4 warps
+constexpr int kLdS = kBK + 8; // smem row of a stage, in elements (80 bytes: WMMA-aligned rows)
+constexpr int kPadC = 4;      // fp32 epilogue row padding, in floats
+
+template <int BM, bool kSilu>
+struct Cfg {
+  static_assert(BM == 16 || BM == 32 || BM == 64, "block_m must be 16, 32 or 64");
+  static constexpr int kStages = BM == 16 ? 6 : 4;  // decode tiles: more bytes in flight
+  static constexpr int kWRows = kSilu ? 2 * kBN : kBN;
+  static constexpr int kWarpsM = BM == 16 ? 1 : 2;
+  static constexpr int kWarpsN = 4 / kWarpsM;
+  static constexpr int kFM = BM / (16 * kWarpsM);   // 16-row fragments per warp
+  static constexpr int kFN = kBN / (16 * kWarpsN);  // 16-column fragments per warp (per half)
+  static constexpr int kLdC = kWRows + kPadC;
+  static constexpr size_t kInfo = (size_t(BM) * 12 + 127) / 128 * 128;  // int64 src + int32 slot
+  static constexpr size_t kStageA = size_t(BM) * kLdS * 2;
+  static constexpr size_t kStageB = size_t(kWRows) * kLdS * 2;
+  static constexpr size_t kPipe = kStages * (kStageA + kStageB);
+  static constexpr size_t kC = size_t(BM) * kLdC * 4;
+  static constexpr size_t kBytes = kInfo + (kPipe > kC ? kPipe : kC);
+};
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// 16-byte global -> shared copy; src_bytes 0 fills the 16 bytes with zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <typename T, int BM, bool kSilu>
+__global__ void __launch_bounds__(kThreads)
+    ExpertGemmKernel(const T* __restrict__ x, const T* __restrict__ w,
+                     const int32_t* __restrict__ sorted_ids,
+                     const int32_t* __restrict__ tile_expert,
+                     const int32_t* __restrict__ num_padded,
+                     const float* __restrict__ topk_weights, T* __restrict__ y, int64_t S,
+                     int64_t K, int64_t N, int64_t N_out, int64_t E_c, int64_t P, int64_t top_k,
+                     bool gather) {
+  using namespace nvcuda;
+  using C = Cfg<BM, kSilu>;
+  const int64_t tile = blockIdx.x;
+  // Uniform over the CTA, before any barrier: unused and invalid tiles cost one launch slot.
+  if (!moe::tile_active(tile, BM, moe::active_rows(num_padded[0], P))) return;
+  const int64_t e = tile_expert[tile];
+  if (!moe::tile_expert_valid(e, E_c)) return;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  int64_t* s_src = reinterpret_cast<int64_t*>(smem_raw);            // input row, -1: padding
+  int32_t* s_slot = reinterpret_cast<int32_t*>(smem_raw + BM * 8);  // slot id, -1: padding
+  unsigned char* pipe = smem_raw + C::kInfo;
+
+  for (int r = threadIdx.x; r < BM; r += kThreads) {
+    const int64_t s = sorted_ids[tile * BM + r];
+    const bool ok = moe::slot_valid(s, S);
+    s_slot[r] = ok ? static_cast<int32_t>(s) : -1;
+    s_src[r] = ok ? moe::slot_source_row(s, top_k, gather) : -1;
+  }
+  __syncthreads();
+
+  const T* w_e = w + e * N * K;
+  const int64_t I = N_out;  // gate/up split of silu_mul (unused otherwise)
+  auto stage_a = [&](int st) {
+    return reinterpret_cast<T*>(pipe + st * (C::kStageA + C::kStageB));
+  };
+  auto stage_b = [&](int st) {
+    return reinterpret_cast<T*>(pipe + st * (C::kStageA + C::kStageB) + C::kStageA);
+  };
+  auto load_stage = [&](int st, int64_t k0) {
+    T* sa = stage_a(st);
+    T* sb = stage_b(st);
+    for (int i = threadIdx.x; i < BM * (kBK / 8); i += kThreads) {
+      const int r = i / (kBK / 8), c = i % (kBK / 8);
+      const int64_t kk = k0 + c * 8;
+      const int64_t row = s_src[r];
+      const bool ok = row >= 0 && kk < K;
+      cp_async_16(sa + r * kLdS + c * 8, ok ? x + row * K + kk : x, ok ? 16 : 0);
+    }
+    for (int i = threadIdx.x; i < C::kWRows * (kBK / 8); i += kThreads) {
+      const int r = i / (kBK / 8), c = i % (kBK / 8);
+      const int64_t kk = k0 + c * 8;
+      const int64_t row = moe::weight_row(r, n0, kBN, I, kSilu, N);
+      const bool ok = row >= 0 && kk < K;
+      cp_async_16(sb + r * kLdS + c * 8, ok ? w_e + row * K + kk : w, ok ? 16 : 0);
+    }
+  };
+
+  const int warp = threadIdx.x / 32;
+  const int wm = warp / C::kWarpsN, wn = warp % C::kWarpsN;
+  constexpr int kHalves = kSilu ? 2 : 1;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kHalves][C::kFM][C::kFN];
+#pragma unroll
+  for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+    for (int i = 0; i < C::kFM; ++i)
+#pragma unroll
+      for (int j = 0; j < C::kFN; ++j) wmma::fill_fragment(acc[h][i][j], 0.f);
+
+  const int64_t nk = ceil_div(K, static_cast<int64_t>(kBK));
+#pragma unroll
+  for (int st = 0; st < C::kStages - 1; ++st) {
+    if (st < nk) load_stage(st, st * kBK);
+    cp_async_commit();
+  }
+  for (int64_t kt = 0; kt < nk; ++kt) {
+    cp_async_wait<C::kStages - 2>();
+    __syncthreads();  // stage kt landed for every thread; stage kt - 1 is free to refill
+    const int64_t next = kt + C::kStages - 1;
+    if (next < nk) load_stage(static_cast<int>(next % C::kStages), next * kBK);
+    cp_async_commit();
+
+    const int st = static_cast<int>(kt % C::kStages);
+    const T* sa = stage_a(st);
+    const T* sb = stage_b(st);
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[C::kFM];
+#pragma unroll
+      for (int i = 0; i < C::kFM; ++i)
+        wmma::load_matrix_sync(fa[i], sa + ((wm * C::kFM + i) * 16) * kLdS + kk, kLdS);
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) {
+#pragma unroll
+        for (int j = 0; j < C::kFN; ++j) {
+          // B = W^T: the [n][k] rows in shared memory are a column-major [k][n] operand.
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+          wmma::load_matrix_sync(fb, sb + (h * kBN + (wn * C::kFN + j) * 16) * kLdS + kk, kLdS);
+#pragma unroll
+          for (int i = 0; i < C::kFM; ++i) wmma::mma_sync(acc[h][i][j], fa[i], fb, acc[h][i][j]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the pipeline before the epilogue reuses it
+
+  float* s_c = reinterpret_cast<float*>(pipe);
+#pragma unroll
+  for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+    for (int i = 0; i < C::kFM; ++i)
+#pragma unroll
+      for (int j = 0; j < C::kFN; ++j)
+        wmma::store_matrix_sync(
+            s_c + ((wm * C::kFM + i) * 16) * C::kLdC + h * kBN + (wn * C::kFN + j) * 16,
+            acc[h][i][j], C::kLdC, wmma::mem_row_major);
+  __syncthreads();
+
+  for (int i = threadIdx.x; i < BM * kBN; i += kThreads) {
+    const int r = i / kBN, c = i % kBN;
+    const int64_t slot = s_slot[r];
+    const int64_t n = n0 + c;
+    if (slot < 0 || n >= N_out) continue;
+    float v = s_c[r * C::kLdC + c];
+    if (kSilu) {
+      const float u = s_c[r * C::kLdC + kBN + c];
+      v = v / (1.f + __expf(-v)) * u;
+    }
+    if (topk_weights != nullptr) v *= topk_weights[slot];
+    y[slot * N_out + n] = from_float<T>(v);
+  }
+}
+
+template <typename T>
+__global__ void MoeCombineKernel(const T* __restrict__ y, T* __restrict__ out, int64_t T_,
+                                 int64_t k, int64_t H) {
+  const int64_t total = T_ * H;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / H, c = i % H;
+    const T* rows = y + t * k * H + c;
+    float acc = 0.f;
+    for (int64_t j = 0; j < k; ++j) acc += to_float<T>(rows[j * H]);
+    out[i] = from_float<T>(acc);
+  }
+}
+
+template <typename T, int BM, bool kSilu>
+cudaError_t LaunchExpertGemm(const T* x, const T* w, const int32_t* sorted_ids,
+                             const int32_t* tile_expert, const int32_t* num_padded,
+                             const float* topk_weights, T* y, int64_t S, int64_t K, int64_t N,
+                             int64_t N_out, int64_t E_c, int64_t P, int64_t top_k, bool gather,
+                             cudaStream_t stream) {
+  using C = Cfg<BM, kSilu>;
+  auto kernel = ExpertGemmKernel<T, BM, kSilu>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(C::kBytes));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(P / BM), static_cast<unsigned>(ceil_div(N_out,
+                                                                               int64_t{kBN})));
+  kernel<<<grid, kThreads, C::kBytes, stream>>>(x, w, sorted_ids, tile_expert, num_padded,
+                                                topk_weights, y, S, K, N, N_out, E_c, P, top_k,
+                                                gather);
+  return cudaGetLastError();
+}
+
+}  // namespace egemm_detail
+
+template <typename T>
+cudaError_t ExpertGemm(const T* x, const T* w, const int32_t* sorted_ids,
+                       const int32_t* tile_expert, const int32_t* num_padded,
+                       const float* topk_weights, T* y, int64_t S, int64_t K, int64_t N,
+                       int64_t E_c, int64_t P, int64_t block_m, int64_t top_k, bool gather,
+                       bool silu_mul, cudaStream_t stream) {
+  using namespace egemm_detail;
+  if (block_m != 16 && block_m != 32 && block_m != 64) return cudaErrorInvalidValue;
+  if (K < 0 || K % 8 != 0 || N < 0 || (silu_mul && N % 2 != 0) || top_k < 1 || E_c < 1 ||
+      P < 0 || P % block_m != 0)
+    return cudaErrorInvalidValue;
+  if (!is_aligned(x, 16) || !is_aligned(w, 16)) return cudaErrorInvalidValue;
+  const int64_t N_out = silu_mul ? N / 2 : N;
+  if (S == 0 || P == 0 || N_out == 0) return cudaSuccess;
+  if (P / block_m > 2147483647LL || ceil_div(N_out, int64_t{kBN}) > 65535)
+    return cudaErrorInvalidConfiguration;
+#define TS_EGEMM_LAUNCH(BM)                                                                  \
+  return silu_mul ? LaunchExpertGemm<T, BM, true>(x, w, sorted_ids, tile_expert, num_padded, \
+                                                  topk_weights, y, S, K, N, N_out, E_c, P,   \
+                                                  top_k, gather, stream)                     \
+                  : LaunchExpertGemm<T, BM, false>(x, w, sorted_ids, tile_expert, num_padded, \
+                                                   topk_weights, y, S, K, N, N_out, E_c, P,  \
+                                                   top_k, gather, stream)
+  if (block_m == 16) TS_EGEMM_LAUNCH(16);
+  if (block_m == 32) TS_EGEMM_LAUNCH(32);
+  TS_EGEMM_LAUNCH(64);
+#undef TS_EGEMM_LAUNCH
+}
+
+template <typename T>
+cudaError_t MoeCombine(const T* y, T* out, int64_t T_, int64_t k, int64_t H,
+                       cudaStream_t stream) {
+  using namespace egemm_detail;
+  if (T_ < 0 || k < 1 || H < 0) return cudaErrorInvalidValue;
+  const int64_t total = T_ * H;
+  if (total == 0) return cudaSuccess;
+  constexpr int kThreadsCombine = 256;
+  const int64_t blocks = ts_min(ceil_div(total, int64_t{kThreadsCombine}), int64_t{65535} * 16);
+  MoeCombineKernel<T><<<static_cast<unsigned>(blocks), kThreadsCombine, 0, stream>>>(y, out, T_,
+                                                                                     k, H);
+  return cudaGetLastError();
+}
+
+#ifdef TASKSIEVE_COMPILE_CHECK
+#define TASKSIEVE_INSTANTIATE_EGEMM(T)                                                        \
+  template cudaError_t ExpertGemm<T>(const T*, const T*, const int32_t*, const int32_t*,      \
+                                     const int32_t*, const float*, T*, int64_t, int64_t,      \
+                                     int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool, \
+                                     cudaStream_t);                                           \
+  template cudaError_t MoeCombine<T>(const T*, T*, int64_t, int64_t, int64_t, cudaStream_t);
+TASKSIEVE_INSTANTIATE_EGEMM(__half)
+TASKSIEVE_INSTANTIATE_EGEMM(__nv_bfloat16)
+#undef TASKSIEVE_INSTANTIATE_EGEMM
+#endif
+
+}  // namespace tasksieve

@@ -14,6 +14,8 @@ Public API::
 from . import _ext, hf, models, ops
 from .flexprefill import FlexPrefill, flex_prefill_attention
 from .hf import last_info, patch, patched, unpatch
+from . import hf_moe, premoe
+from .premoe import PreMoe
 from .windowkv import PyramidKV, SnapKV, WindowKV
 
 __version__ = "0.1.0"
@@ -27,4 +29,5 @@ def build_info() -> dict:
 
 
 __all__ = ["ops", "hf", "models", "build_info", "WindowKV", "SnapKV", "PyramidKV", "patch",
-           "patched", "unpatch", "last_info", "FlexPrefill", "flex_prefill_attention"]
+           "patched", "unpatch", "last_info", "FlexPrefill", "flex_prefill_attention",
+           "premoe", "hf_moe", "PreMoe"]

@@ -4,6 +4,12 @@
     tasksieve niah  [--lengths ...] [--depths ...] [--methods ...]    passkey grid + KL/top-1 vs full KV
     tasksieve bench ...                                               microbenchmarks (tasksieve.bench)
     tasksieve info  [--json]                                          what was built, which ops have kernels
+    tasksieve profile --model M --task name=source ... --out store.safetensors     PreMoe TCESS per task
+    tasksieve prune   --model M --store S --keep 0.5 (--prompt T | --task name) --out dir   retrieve, prune, export
+    tasksieve export  --model M --out dir                             save a (tiny:<family>) model as a HF folder
+
+M is a local HF folder (loaded offline) or tiny:<family> (mixtral, qwen2_moe, qwen3_moe, olmoe). A task source is a
+text file (split on blank lines), a .jsonl file (field "text") or a builtin: pydoc, code, essays.
 
 ``python -m tasksieve ...`` is the same.
 """
@@ -60,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tasksieve",
         description="tasksieve: compute only what the task needs (sparse prefill, KV windows, expert pruning).",
     )
-    sub = p.add_subparsers(dest="command", metavar="{demo,niah,bench,info}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,niah,bench,info,profile,prune,export}")
     sub.required = True
 
     d = sub.add_parser("demo", help="dense vs WindowKV on the embedded SmolLM2-135M with a hidden passkey")
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--threads", type=_positive_int, default=None)
     n.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    _add_premoe_parsers(sub)
     sub.add_parser("bench", help="microbenchmarks (arguments go to tasksieve.bench)", add_help=False)
     sub.add_parser("info", help="build and dispatch information (arguments go to tasksieve.info)", add_help=False)
     return p
@@ -241,6 +248,106 @@ def _niah(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# PreMoe: profile / prune / export
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _keep_arg(s: str):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1] or an expert count, got {s!r}") from None
+    if v > 1.0 and v.is_integer():
+        return int(v)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1] or an expert count, got {s!r}")
+    return v
+
+
+def _task_arg(s: str) -> tuple[str, str]:
+    name, sep, source = s.partition("=")
+    if not sep or not name or not source:
+        raise argparse.ArgumentTypeError(f"expected name=source (a file or a builtin), got {s!r}")
+    return name, source
+
+
+def _add_premoe_parsers(sub) -> None:
+    model_help = "local HF model folder (offline) or tiny:<family> with family in mixtral, qwen2_moe, qwen3_moe, olmoe"
+    pr = sub.add_parser("profile", help="PreMoe: profile the TCESS of calibration tasks into a pattern store")
+    pr.add_argument("--model", required=True, help=model_help)
+    pr.add_argument("--task", type=_task_arg, action="append", required=True, metavar="NAME=SOURCE",
+                    help="a task: NAME=file (.txt split on blank lines, .jsonl field text) or NAME=builtin "
+                         "(pydoc, code, essays); repeat for several tasks")
+    pr.add_argument("--out", required=True, help="output store (.safetensors)")
+    pr.add_argument("--max-tokens", type=_positive_int, default=65536, help="tokens per task (default 65536)")
+    pr.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence (default 512)")
+    pr.add_argument("--batch-size", type=_positive_int, default=8)
+    pr.add_argument("--top-k", type=_positive_int, default=1, help="k of TCESS (default 1, as published)")
+    pr.add_argument("--dtype", choices=_DTYPES, default="float32")
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--no-progress", action="store_true")
+
+    pn = sub.add_parser("prune", help="PreMoe: retrieve a task pattern, prune the experts, export a smaller HF model")
+    pn.add_argument("--model", required=True, help=model_help)
+    pn.add_argument("--store", required=True, help="pattern store written by tasksieve profile")
+    pn.add_argument("--keep", type=_keep_arg, default=0.5,
+                    help="experts kept per MoE layer: ratio in (0, 1] or a count (default 0.5)")
+    how = pn.add_mutually_exclusive_group(required=True)
+    how.add_argument("--prompt", help="retrieve the nearest task for this prompt")
+    how.add_argument("--task", dest="task_name", help="use this stored task")
+    pn.add_argument("--out", required=True, help="output folder of the pruned HF checkpoint")
+    pn.add_argument("--dtype", choices=_DTYPES, default="float32")
+    pn.add_argument("--device", default="cpu")
+
+    ex = sub.add_parser("export", help="save a model (e.g. tiny:mixtral) as a HF checkpoint folder")
+    ex.add_argument("--model", required=True, help=model_help)
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--dtype", choices=_DTYPES, default="float32")
+
+
+def _premoe_model(args):
+    import torch
+
+    from tasksieve import premoe
+
+    return premoe.load_model(args.model, dtype=getattr(torch, args.dtype), device=getattr(args, "device", "cpu"))
+
+
+def _premoe(args) -> int:
+    from tasksieve import premoe
+
+    try:
+        model, tok = _premoe_model(args)
+        if args.command == "profile":
+            texts = {name: premoe.task_texts(source) for name, source in args.task}
+            t0 = time.perf_counter()
+            store = premoe.profile(model, texts, tok, top_k=args.top_k, max_tokens=args.max_tokens,
+                                   seq_len=args.seq_len, batch_size=args.batch_size, progress=not args.no_progress)
+            path = store.save(args.out)
+            print(f"profiled {', '.join(f'{t} ({store.tokens[t]} tokens)' for t in store.tasks)} in "
+                  f"{time.perf_counter() - t0:.1f} s; wrote {path}")
+        elif args.command == "prune":
+            store = premoe.PatternStore.load(args.store, model=model, tokenizer=tok)
+            if args.prompt is not None:
+                pattern = store.retrieve(args.prompt)
+                print(f"retrieved task {pattern.task!r} (L2 distance {pattern.distance:.4g}; tasks {store.tasks})")
+            else:
+                pattern = store[args.task_name]
+            report = premoe.prune(model, pattern, keep=args.keep)
+            out = premoe.export(model, args.out, tok)
+            print(report)
+            print(f"wrote {out}")
+        else:
+            out = premoe.export(model, args.out, tok)
+            print(f"wrote {out}")
+    except (ValueError, KeyError) as e:
+        print(f"tasksieve {args.command}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
@@ -256,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(args)
     if args.command == "niah":
         return _niah(args)
+    if args.command in ("profile", "prune", "export"):
+        return _premoe(args)
     raise AssertionError(args.command)  # pragma: no cover
 
 

@@ -2,8 +2,9 @@
 
 Public API
 ----------
-``patch(model, kv=None, prefill=None)``       install the integration (``kv``: a press or None; ``prefill``: a
-                                              :class:`~tasksieve.flexprefill.FlexPrefill` or None)
+``patch(model, kv=None, prefill=None, moe=None)``   install the integration (``kv``: a press or None;
+                                              ``prefill``: a :class:`~tasksieve.flexprefill.FlexPrefill` or None;
+                                              ``moe``: a :class:`~tasksieve.premoe.PreMoe` or None, see hf_moe)
 ``unpatch(model)``                            remove it; the model behaves exactly as before
 ``patched(model, kv=None, prefill=None)``     context manager: patch, yield the model, unpatch
 ``last_info(model)``                          what the last compressed request did (strategy, kept tokens, bytes;
@@ -156,9 +157,10 @@ class _ModelState:
     fwd_pos: Optional[torch.Tensor] = None
     decoder_params: tuple = ()
     prefill: Optional[FlexPrefill] = None
-    # computed / causal block ratio (0-dim device tensor) of every layer's sparse prefill in the last multi-token
-    # forward (reset by the decoder pre-hook); read through last_info(model)["prefill_block_ratio"]
-    prefill_ratios: dict = field(default_factory=dict)
+    # per layer of the last multi-token forward that ran the sparse prefill (reset by the decoder pre-hook): small
+    # device tensors (ratio [], head_ratio [B, H], is_query_aware [B, H], js_distance [B, H] or None) - never the
+    # block index, which is O(nb^2) per head; read through last_info(model)
+    prefill_patterns: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,7 +275,9 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), gamma=fp.gamma, tau=fp.tau,
             block_size=fp.block_size, min_budget=fp.min_budget, max_budget=fp.max_budget, scale=scaling,
             dense_below=fp.dense_below, return_pattern=True)
-        ms.prefill_ratios[layer_idx] = pattern.ratio()  # stays on the device: no sync here
+        # stays on the device: no sync here
+        ms.prefill_patterns[layer_idx] = (pattern.ratio(), pattern.head_ratio(), pattern.is_query_aware,
+                                          pattern.js_distance)
         return out, None  # [B, q, H, D], like sdpa_attention_forward
     return _sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
@@ -451,7 +455,7 @@ def _decoder_pre_hook(module, args, kwargs):
     ms.fwd_pos = kwargs.get("position_ids")
     x0 = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
     if isinstance(x0, torch.Tensor) and x0.dim() >= 2 and x0.shape[1] > 1:
-        ms.prefill_ratios = {}  # a new multi-token forward: forget the last sparse-prefill pattern
+        ms.prefill_patterns = {}  # a new multi-token forward: forget the last sparse-prefill pattern
     cache = _get_cache(kwargs)
     cs = getattr(cache, _ATTR, None) if cache is not None else None
     if cs is None or cs.seen == 0:
@@ -558,7 +562,7 @@ def is_patched(model) -> bool:
     return isinstance(getattr(model, _ATTR, None), _ModelState)
 
 
-def patch(model, kv=None, prefill=None):
+def patch(model, kv=None, prefill=None, moe=None):
     """Install the tasksieve integration on a HF causal LM.
 
     Parameters
@@ -571,6 +575,9 @@ def patch(model, kv=None, prefill=None):
         integration without compressing (needed to decode with caches made by :func:`prefill_multi`).
     prefill : FlexPrefill or None
         Sparse prefill attention (see the module docstring); composes with ``kv``. None: dense prefill.
+    moe : PreMoe or None
+        Swap the MoE blocks of a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE model (see :mod:`tasksieve.hf_moe`). With
+        ``kv`` and ``prefill`` None only the MoE blocks are patched (any supported MoE model type).
 
     Returns
     -------
@@ -582,6 +589,17 @@ def patch(model, kv=None, prefill=None):
         Not a HF model, unsupported architecture or sliding-window layers, invalid press or prefill, already
         patched.
     """
+    if moe is not None:
+        from . import hf_moe
+
+        if kv is None and prefill is None:
+            return hf_moe.patch_moe(model, moe)
+        hf_moe.patch_moe(model, moe)
+        try:
+            return patch(model, kv=kv, prefill=prefill)
+        except Exception:
+            hf_moe.unpatch_moe(model)
+            raise
     _check_model(model)
     if is_patched(model):
         raise ValueError("tasksieve.patch: the model is already patched; call tasksieve.unpatch(model) first")
@@ -635,19 +653,25 @@ def unpatch(model):
 
     Returns the model. Raises ValueError when the model is not patched.
     """
+    from . import hf_moe
+
     ms = getattr(model, _ATTR, None)
-    if not isinstance(ms, _ModelState):
+    if not isinstance(ms, _ModelState) and not hf_moe.is_moe_patched(model):
         raise ValueError("tasksieve.unpatch: the model is not patched")
+    if hf_moe.is_moe_patched(model):
+        hf_moe.unpatch_moe(model)
+    if not isinstance(ms, _ModelState):
+        return model
     _remove(model, ms)
     _set_impl(model, ms.original_impl)
     return model
 
 
 @contextlib.contextmanager
-def patched(model, kv=None, prefill=None):
+def patched(model, kv=None, prefill=None, moe=None):
     """``with patched(model, kv=WindowKV(...), prefill=FlexPrefill(...)): model.generate(...)`` — patch, then always
     unpatch."""
-    patch(model, kv=kv, prefill=prefill)
+    patch(model, kv=kv, prefill=prefill, moe=moe)
     try:
         yield model
     finally:
@@ -688,15 +712,23 @@ def last_info(model) -> dict:
     With ``prefill=FlexPrefill(...)``, also ``prefill_block_ratio``: computed / causal key blocks of the sparse
     prefill attention, averaged over the layers of the last multi-token forward that ran it (1.0 = dense;
     None when that forward ran no layer through FlexPrefill, e.g. padded batches or short prompts). This key is
-    present even when the forward used no cache.
+    present even when the forward used no cache. ``prefill_layers`` gives the per-head pattern of that forward:
+    ``{layer: {"ratio": float, "head_ratio": [B][H] floats, "query_aware": [B][H] bools, "js_distance": [B][H]
+    floats or None}}`` (computed / causal blocks per head; query-aware vs vertical-slash per head), for tuning
+    gamma and tau.
     """
     ms = getattr(model, _ATTR, None)
     if not isinstance(ms, _ModelState):
         raise ValueError("tasksieve.last_info: the model is not patched")
     out = {} if ms.last_cache_state is None else _info_of(ms.last_cache_state)
     if ms.prefill is not None:
-        r = list(ms.prefill_ratios.values())
+        pats = ms.prefill_patterns
+        r = [p[0] for p in pats.values()]
         out["prefill_block_ratio"] = float(torch.stack(r).float().mean()) if r else None
+        out["prefill_layers"] = {
+            layer: {"ratio": float(ratio), "head_ratio": head.cpu().tolist(), "query_aware": qa.cpu().tolist(),
+                    "js_distance": None if jsd is None else jsd.cpu().tolist()}
+            for layer, (ratio, head, qa, jsd) in sorted(pats.items())}
     return out
 
 

@@ -49,6 +49,7 @@
 
 #include "tasksieve/block_index.h"
 #include "tasksieve/common.h"
+#include "tasksieve/cuda_convert.cuh"
 
 namespace tasksieve {
 
@@ -76,22 +77,8 @@ struct Smem {
   static constexpr size_t kBytes = kQ + kKV + kS + kP + kO + kStats;
 };
 
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+using cuda_convert::from_float;
+using cuda_convert::to_float;
 
 // rows [0, nrows) of a [kRows, D] tile from global rows `src + r * stride` (D contiguous T),
 // zero-filled past nrows. 16-byte loads when `vec` (pointer and stride 8-element aligned).

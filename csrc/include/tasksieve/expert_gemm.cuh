@@ -35,6 +35,7 @@
 #include <cstdint>
 
 #include "tasksieve/common.h"
+#include "tasksieve/cuda_convert.cuh"
 #include "tasksieve/expert_gemm_index.h"
 
 namespace tasksieve {
@@ -65,22 +66,8 @@ struct Cfg {
   static constexpr size_t kBytes = kInfo + (kPipe > kC ? kPipe : kC);
 };
 
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+using cuda_convert::from_float;
+using cuda_convert::to_float;
 
 // 16-byte global -> shared copy; src_bytes 0 fills the 16 bytes with zeros and reads nothing.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {

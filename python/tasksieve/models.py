@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_PIP",
     "default_model_dir",
     "load_default",
+    "load_default_moe",
     "load_default_tokenizer",
     "tiny_config",
     "tiny_model",
@@ -104,6 +105,51 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config._tasksieve_name = DEFAULT_NAME
     return model, tokenizer
+
+
+def load_default_moe(
+    num_experts: int = 16,
+    top_k: int = 4,
+    *,
+    calib_tokens_per_task: int = 1024,
+    seed: int = 0,
+    dense=None,
+    tokenizer=None,
+    cache: bool = True,
+    progress: bool = True,
+):
+    """A Mixtral MoE built from the embedded SmolLM2 by :func:`tasksieve.moefy.moefy`. Returns ``(moe, tokenizer)``.
+
+    Calibration: the first ``calib_tokens_per_task`` tokens of each of the three task texts of
+    :func:`tasksieve.moefy.task_texts` (essays, stdlib Python source, pydoc topics). The built model is cached with
+    ``save_pretrained`` under ``~/.cache/tasksieve/moe/`` (``$TASKSIEVE_CACHE/moe``) keyed by the settings, so
+    later calls only load it (a few seconds). Pass an already loaded ``dense`` model / ``tokenizer`` to skip
+    reloading them. fp32, CPU, eval mode. Nothing is downloaded.
+    """
+    from . import moefy as mf
+
+    folder = mf.cache_dir_for(
+        "smollm2-135m", E=num_experts, k=top_k, calib=calib_tokens_per_task, seed=seed
+    )
+    if tokenizer is None:
+        tokenizer = dense_tokenizer = load_default_tokenizer()
+    else:
+        dense_tokenizer = tokenizer
+    if cache and (folder / "config.json").is_file():
+        from transformers import MixtralForCausalLM
+
+        moe = MixtralForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        moe.eval()
+        return moe, tokenizer
+    if dense is None:
+        dense, dense_tokenizer = load_default()
+    calib = mf.calibration_ids(dense_tokenizer, calib_tokens_per_task)
+    moe = mf.moefy(dense, calib, num_experts=num_experts, top_k=top_k, seed=seed, progress=progress)
+    moe.config._tasksieve_name = f"{DEFAULT_NAME} -> Mixtral E={num_experts} top-{top_k} (tasksieve.moefy)"
+    if cache:
+        folder.mkdir(parents=True, exist_ok=True)
+        moe.save_pretrained(str(folder))
+    return moe, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -318,8 +318,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const int prev_threads = MKL_Set_Num_Threads_Local(1);
 #endif
     std::vector<float> qt(bs * D), st(bs * ld), o(bs * D), m(bs), l(bs), alpha(bs);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item % nbq, sh = item / nbq, h = sh % H, s = sh / H, hk = h / G;
+    for (int64_t t = begin; t < end; ++t) {
+      // Heads outermost: parallel_for hands each thread one contiguous range, and sequences
+      // of a packed batch differ a lot in work (quadratic in length), so a range of heads over
+      // every sequence balances where a range of sequences would not.
+      const int64_t h = t / (rows / H), sr = t % (rows / H), s = sr / nbq, r = sr % nbq;
+      const int64_t item = (s * H + h) * nbq + r, hk = h / G;
       // Sequence s's own problem: nq queries (the last of its nk keys) starting at packed row
       // sq0, keys at sk0; b = the batch row of the data (always 0 when packed).
       const block::SeqSpan sp = span_of(a, cu_q, cu_k, s);

@@ -185,7 +185,10 @@ void rows_gemm_f32(const at::Tensor& a, const at::Tensor& w, int64_t e, int64_t 
 // expert_gemm
 // ---------------------------------------------------------------------------------------------
 
-// y[slot, c0 : c0 + len] = (silu(gate) * up, or out) * router weight, rounded once.
+// y[slot, c0 : c0 + len] = (silu(gate) * up, or out) * router weight, rounded to y's dtype once
+// here. The fp32 gate/up come from the dpbf16 kernel (bf16 decode) or from at::mm, which
+// for fp16/bf16 inputs has already rounded them to the input dtype (converting the weights to
+// fp32 instead would double the weight traffic); tests bound both within dtype tolerances.
 template <typename scalar_t>
 void expert_gemm_epilogue(const std::vector<float>& out, const std::vector<float>* up,
                           const int64_t* slots, int64_t m, int64_t c0, int64_t len,

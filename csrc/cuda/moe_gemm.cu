@@ -47,16 +47,18 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
   return is_aligned(c.const_data_ptr(), 16) ? c : c.clone();
 }
 
-template <typename T>
+// OutT = T writes y in the input dtype; float keeps moe_forward's slot rows unrounded.
+template <typename T, typename OutT = T>
 void launch_expert_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ids,
                         const at::Tensor& tiles, const at::Tensor& np, const float* weights,
                         at::Tensor& y, int64_t S, int64_t block_m, int64_t top_k, bool gather,
                         bool silu_mul, cudaStream_t stream) {
-  C10_CUDA_CHECK(ExpertGemm<T>(
+  const cudaError_t err = ExpertGemm<T, OutT>(
       static_cast<const T*>(x.const_data_ptr()), static_cast<const T*>(w.const_data_ptr()),
       ids.const_data_ptr<int32_t>(), tiles.const_data_ptr<int32_t>(),
-      np.const_data_ptr<int32_t>(), weights, static_cast<T*>(y.data_ptr()), S, x.size(1),
-      w.size(1), w.size(0), ids.size(0), block_m, top_k, gather, silu_mul, stream));
+      np.const_data_ptr<int32_t>(), weights, static_cast<OutT*>(y.data_ptr()), S, x.size(1),
+      w.size(1), w.size(0), ids.size(0), block_m, top_k, gather, silu_mul, stream);
+  C10_CUDA_CHECK(err);
 }
 
 at::Tensor expert_gemm_cuda(const at::Tensor& x, const at::Tensor& w,
@@ -113,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_op(
 template <typename T>
 void launch_combine(const at::Tensor& y, at::Tensor& out, int64_t T_, int64_t k, int64_t H,
                     cudaStream_t stream) {
-  C10_CUDA_CHECK(MoeCombine<T>(static_cast<const T*>(y.const_data_ptr()),
+  C10_CUDA_CHECK(MoeCombine<T>(y.const_data_ptr<float>(),
                                static_cast<T*>(out.data_ptr()), T_, k, H, stream));
 }
 
@@ -152,21 +154,22 @@ at::Tensor moe_forward_cuda(const at::Tensor& x, const at::Tensor& w13, const at
                    np = num_padded.contiguous();
   const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
   // h rows of dropped slots are never read (the down GEMM walks the same tiles); y rows of
-  // dropped slots must read as 0 in the combine.
+  // dropped slots must read as 0 in the combine. y is fp32 so each output is rounded once,
+  // after the sum over the k slots, as on the CPU (k rounded terms could cancel badly).
   at::Tensor h = at::empty({S, I}, x.options());
-  at::Tensor y = at::zeros({S, H}, x.options());
+  at::Tensor y = at::zeros({S, H}, x.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (x.scalar_type() == at::kHalf) {
     launch_expert_gemm<__half>(xc, w13c, ids, tiles, np, nullptr, h, S, block_m, k, true, true,
                                stream);
-    launch_expert_gemm<__half>(h, w2c, ids, tiles, np, wts.const_data_ptr<float>(), y, S,
-                               block_m, k, false, false, stream);
+    launch_expert_gemm<__half, float>(h, w2c, ids, tiles, np, wts.const_data_ptr<float>(), y, S,
+                                      block_m, k, false, false, stream);
     launch_combine<__half>(y, out, T, k, H, stream);
   } else {
     launch_expert_gemm<__nv_bfloat16>(xc, w13c, ids, tiles, np, nullptr, h, S, block_m, k, true,
                                       true, stream);
-    launch_expert_gemm<__nv_bfloat16>(h, w2c, ids, tiles, np, wts.const_data_ptr<float>(), y, S,
-                                      block_m, k, false, false, stream);
+    launch_expert_gemm<__nv_bfloat16, float>(h, w2c, ids, tiles, np, wts.const_data_ptr<float>(),
+                                             y, S, block_m, k, false, false, stream);
     launch_combine<__nv_bfloat16>(y, out, T, k, H, stream);
   }
   return out;

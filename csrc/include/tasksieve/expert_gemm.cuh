@@ -81,13 +81,13 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-template <typename T, int BM, bool kSilu>
+template <typename T, int BM, bool kSilu, typename OutT = T>
 __global__ void __launch_bounds__(kThreads)
     ExpertGemmKernel(const T* __restrict__ x, const T* __restrict__ w,
                      const int32_t* __restrict__ sorted_ids,
                      const int32_t* __restrict__ tile_expert,
                      const int32_t* __restrict__ num_padded,
-                     const float* __restrict__ topk_weights, T* __restrict__ y, int64_t S,
+                     const float* __restrict__ topk_weights, OutT* __restrict__ y, int64_t S,
                      int64_t K, int64_t N, int64_t N_out, int64_t E_c, int64_t P, int64_t top_k,
                      bool gather) {
   using namespace nvcuda;
@@ -211,37 +211,42 @@ __global__ void __launch_bounds__(kThreads)
       v = v / (1.f + __expf(-v)) * u;
     }
     if (topk_weights != nullptr) v *= topk_weights[slot];
-    y[slot * N_out + n] = from_float<T>(v);
+    y[slot * N_out + n] = from_float<OutT>(v);
   }
 }
 
 template <typename T>
-__global__ void MoeCombineKernel(const T* __restrict__ y, T* __restrict__ out, int64_t T_,
+__global__ void MoeCombineKernel(const float* __restrict__ y, T* __restrict__ out, int64_t T_,
                                  int64_t k, int64_t H) {
   const int64_t total = T_ * H;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / H, c = i % H;
-    const T* rows = y + t * k * H + c;
+    const float* rows = y + t * k * H + c;
     float acc = 0.f;
-    for (int64_t j = 0; j < k; ++j) acc += to_float<T>(rows[j * H]);
+    for (int64_t j = 0; j < k; ++j) acc += rows[j * H];
     out[i] = from_float<T>(acc);
   }
 }
 
-template <typename T, int BM, bool kSilu>
+template <typename T, int BM, bool kSilu, typename OutT>
 cudaError_t LaunchExpertGemm(const T* x, const T* w, const int32_t* sorted_ids,
                              const int32_t* tile_expert, const int32_t* num_padded,
-                             const float* topk_weights, T* y, int64_t S, int64_t K, int64_t N,
+                             const float* topk_weights, OutT* y, int64_t S, int64_t K, int64_t N,
                              int64_t N_out, int64_t E_c, int64_t P, int64_t top_k, bool gather,
                              cudaStream_t stream) {
   using C = Cfg<BM, kSilu>;
-  auto kernel = ExpertGemmKernel<T, BM, kSilu>;
+  auto kernel = ExpertGemmKernel<T, BM, kSilu, OutT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(C::kBytes));
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(P / BM), static_cast<unsigned>(ceil_div(N_out,
-                                                                               int64_t{kBN})));
+  // Only the first tiles can be in use: an expert with c slots fills ceil(c / BM) <= c / BM + 1
+  // of them, so at most ceil(S / BM) + min(E_c, S) hold a kept expert (tiles are sorted by
+  // expert, invalid ids last). At decode P / BM is dominated by num_experts * (BM - 1) / BM
+  // empty tiles; bounding the grid here spares those CTAs without a host sync.
+  const int64_t used_max = ts_min(P / BM, ceil_div(S, int64_t{BM}) + ts_min(E_c, S));
+  const dim3 grid(static_cast<unsigned>(used_max), static_cast<unsigned>(ceil_div(N_out,
+                                                                                  int64_t{kBN})));
   kernel<<<grid, kThreads, C::kBytes, stream>>>(x, w, sorted_ids, tile_expert, num_padded,
                                                 topk_weights, y, S, K, N, N_out, E_c, P, top_k,
                                                 gather);
@@ -250,10 +255,11 @@ cudaError_t LaunchExpertGemm(const T* x, const T* w, const int32_t* sorted_ids,
 
 }  // namespace egemm_detail
 
-template <typename T>
+// OutT: T, or float for the slot rows moe_forward combines (so each result is rounded once).
+template <typename T, typename OutT = T>
 cudaError_t ExpertGemm(const T* x, const T* w, const int32_t* sorted_ids,
                        const int32_t* tile_expert, const int32_t* num_padded,
-                       const float* topk_weights, T* y, int64_t S, int64_t K, int64_t N,
+                       const float* topk_weights, OutT* y, int64_t S, int64_t K, int64_t N,
                        int64_t E_c, int64_t P, int64_t block_m, int64_t top_k, bool gather,
                        bool silu_mul, cudaStream_t stream) {
   using namespace egemm_detail;
@@ -267,10 +273,10 @@ cudaError_t ExpertGemm(const T* x, const T* w, const int32_t* sorted_ids,
   if (P / block_m > 2147483647LL || ceil_div(N_out, int64_t{kBN}) > 65535)
     return cudaErrorInvalidConfiguration;
 #define TS_EGEMM_LAUNCH(BM)                                                                  \
-  return silu_mul ? LaunchExpertGemm<T, BM, true>(x, w, sorted_ids, tile_expert, num_padded, \
+  return silu_mul ? LaunchExpertGemm<T, BM, true, OutT>(x, w, sorted_ids, tile_expert, num_padded, \
                                                   topk_weights, y, S, K, N, N_out, E_c, P,   \
                                                   top_k, gather, stream)                     \
-                  : LaunchExpertGemm<T, BM, false>(x, w, sorted_ids, tile_expert, num_padded, \
+                  : LaunchExpertGemm<T, BM, false, OutT>(x, w, sorted_ids, tile_expert, num_padded, \
                                                    topk_weights, y, S, K, N, N_out, E_c, P,  \
                                                    top_k, gather, stream)
   if (block_m == 16) TS_EGEMM_LAUNCH(16);
@@ -279,8 +285,9 @@ cudaError_t ExpertGemm(const T* x, const T* w, const int32_t* sorted_ids,
 #undef TS_EGEMM_LAUNCH
 }
 
+// out[t] = sum_j y[t * k + j] (fp32 slot rows, summed in j order), rounded once to T.
 template <typename T>
-cudaError_t MoeCombine(const T* y, T* out, int64_t T_, int64_t k, int64_t H,
+cudaError_t MoeCombine(const float* y, T* out, int64_t T_, int64_t k, int64_t H,
                        cudaStream_t stream) {
   using namespace egemm_detail;
   if (T_ < 0 || k < 1 || H < 0) return cudaErrorInvalidValue;
@@ -299,7 +306,12 @@ cudaError_t MoeCombine(const T* y, T* out, int64_t T_, int64_t k, int64_t H,
                                      const int32_t*, const float*, T*, int64_t, int64_t,      \
                                      int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool, \
                                      cudaStream_t);                                           \
-  template cudaError_t MoeCombine<T>(const T*, T*, int64_t, int64_t, int64_t, cudaStream_t);
+  template cudaError_t ExpertGemm<T, float>(const T*, const T*, const int32_t*,               \
+                                            const int32_t*, const int32_t*, const float*,     \
+                                            float*, int64_t, int64_t, int64_t, int64_t,       \
+                                            int64_t, int64_t, int64_t, bool, bool,            \
+                                            cudaStream_t);                                    \
+  template cudaError_t MoeCombine<T>(const float*, T*, int64_t, int64_t, int64_t, cudaStream_t);
 TASKSIEVE_INSTANTIATE_EGEMM(__half)
 TASKSIEVE_INSTANTIATE_EGEMM(__nv_bfloat16)
 #undef TASKSIEVE_INSTANTIATE_EGEMM

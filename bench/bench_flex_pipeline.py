@@ -40,7 +40,6 @@ except ImportError:  # running from a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import torch
-import torch.nn.functional as F
 
 FAMILY = "flex_pipeline"
 
@@ -101,7 +100,7 @@ def structured_qkv(s: Shape, dtype, device, seed: int = 0):
 
 def run_shape(ctx, s: Shape) -> list[dict]:
     from tasksieve import ops
-    from tasksieve.bench import kernel_label, make_row
+    from tasksieve.bench import dense_causal_sdpa, kernel_label, make_row
     from tasksieve.flexprefill import _budget_blocks, flex_prefill_attention, flex_qa_map
     from tasksieve.reference import block_sparse_block_mask
 
@@ -113,19 +112,8 @@ def run_shape(ctx, s: Shape) -> list[dict]:
     bs, N = s.bs, s.N
     lo, hi = _budget_blocks(None, None, bs)
 
-    backend = None
-    desc = "dense SDPA causal, enable_gqa"
-    if ctx.cuda:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = SDPBackend.FLASH_ATTENTION
-        desc = "dense SDPA flash causal, enable_gqa"
-
-    def dense():
-        if backend is not None:
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+    dense, desc = dense_causal_sdpa(ctx, qt, kt, vt)
+    desc = "dense " + desc
 
     t_dense = ctx.time(dense)
     dense_flops = 4.0 * s.H * s.D * N * (N + 1) / 2

@@ -29,7 +29,6 @@ except ImportError:  # running from a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import torch
-import torch.nn.functional as F
 
 FAMILY = "flexprefill"
 
@@ -86,7 +85,7 @@ def _visited_blocks(block_cnt) -> int:
 
 def run_shape(ctx, s: Shape) -> list[dict]:
     from tasksieve import ops
-    from tasksieve.bench import kernel_label, make_row
+    from tasksieve.bench import dense_causal_sdpa, kernel_label, make_row
     from tasksieve.reference import block_sparse_block_mask
 
     dev = ctx.device
@@ -103,19 +102,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
     common = dict(family=FAMILY, dtype=dtype, shape=s.label())
     rows = []
 
-    backend = None
-    desc = "SDPA causal, enable_gqa"
-    if ctx.cuda:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = SDPBackend.FLASH_ATTENTION
-        desc = "SDPA flash causal, enable_gqa"
-
-    def dense():
-        if backend is not None:
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+    dense, desc = dense_causal_sdpa(ctx, qt, kt, vt)
 
     t_dense = ctx.time(dense)
     dense_flops = 4.0 * s.B * s.H * s.D * s.N * (s.N + 1) / 2

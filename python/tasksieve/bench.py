@@ -553,6 +553,23 @@ def kernel_label(op: str, device) -> str:
     return f"{key.lower()} kernel" if _ext.has_kernel(op, key) else "reference fallback"
 
 
+def dense_causal_sdpa(ctx: "BenchContext", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The dense baseline of the attention families: causal SDPA with ``enable_gqa`` on
+    ``[B, H, N, D]`` views, pinned to the flash backend on GPU. Returns ``(fn, description)``."""
+    import torch.nn.functional as F
+
+    if not ctx.cuda:
+        return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                "SDPA causal, enable_gqa")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def fn():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    return fn, "SDPA flash causal, enable_gqa"
+
+
 def run_shapes(ctx: "BenchContext", family: str, shapes, shape_cls, run_shape) -> list[dict]:
     """The loop every family's ``run(ctx, shapes)`` shares: shapes are ``shape_cls`` instances or dicts
     of its fields; one log line per shape; the CUDA cache is emptied between shapes."""

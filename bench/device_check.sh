@@ -10,7 +10,9 @@
 #   build      tasksieve._C for sm_90a, in place, no pip, no network
 #              (TASKSIEVE_CUDA=1 TASKSIEVE_CUDA_ARCHS=9.0a MAX_JOBS=8 TASKSIEVE_NVCC_THREADS=4
 #              python3 setup.py build_ext --inplace), then `python -m tasksieve.info`
-#   tests      pytest -q -m "not slow" tests/   (the CUDA variants run when a GPU is visible)
+#   tests      pytest -q -m "not slow and not gpusim" tests/   (CUDA variants run with a GPU)
+#   simnative  the simulator suite's cases (tests/sim) on the real card: the runners in
+#              csrc/sim/ built by `make sim-runners`, run natively (GPUSIM=native)
 #   memcheck   compute-sanitizer memcheck on bench/sanitize_ops.py (every CUDA op, small awkward
 #              shapes, in-place gather, invalid indices), torch's caching allocator off
 #   racecheck  compute-sanitizer racecheck on the same script
@@ -175,7 +177,8 @@ export PY ROOT SANITIZER
 echo "device_check: $(date -u), budget ${BUDGET}s, logs in $OUTDIR"
 run_step env       30  440 "$OUTDIR/build.log"    env_info
 run_step build     300 260 "$OUTDIR/build.log"    build
-run_step tests     150 200 "$OUTDIR/tests.log"    "$PY" -m pytest -q -m "not slow" -p no:cacheprovider -rfE tests/
+run_step tests     150 200 "$OUTDIR/tests.log"    "$PY" -m pytest -q -m "not slow and not gpusim" -p no:cacheprovider -rfE tests/
+run_step simnative 60  170 "$OUTDIR/tests.log"    bash -c "make -j8 sim-runners && GPUSIM=native \"\$PY\" -m pytest -q -m gpusim -p no:cacheprovider -rfE tests/sim"
 run_step memcheck  80  170 "$OUTDIR/sanitize.log" sanitize memcheck
 run_step racecheck 50  150 "$OUTDIR/sanitize.log" sanitize racecheck --no-check
 run_step bench     220 0   "$OUTDIR/bench.log"    "$PY" -m tasksieve.bench --quick --device cuda --out "$OUTDIR"

@@ -1,6 +1,7 @@
 // CUDA bindings of the PreMoe routing ops (schemas in csrc/ops.cpp): argument checks, device
-// guard, current stream, dtype dispatch to the torch-free kernels in
-// include/tasksieve/moe_route.cuh, error check.
+// guard, allocation, current stream, then the torch-free entry points of
+// include/tasksieve/moe_route.cuh (TcessUpdateLaunch, RouteTopkLaunch, MoeAlignLaunch: dtype
+// dispatch there, shared with the simulator runner csrc/sim/sim_premoe.cu), error check.
 //
 //   tcess_update  router_logits [T, E] (fp32/fp16/bf16), acc fp64 [E] (+=), count int64 [1] (+=)
 //   route_topk    router_logits [T, E] -> (topk_weights fp32 [T, k], topk_ids int32 [T, k])
@@ -25,6 +26,7 @@
 #include <optional>
 
 #include "../checks/moe_route_checks.h"
+#include "tasksieve/dtype.cuh"
 #include "tasksieve/moe_index.h"
 #include "tasksieve/moe_route.cuh"
 
@@ -34,6 +36,12 @@ namespace {
 #define TS_CHECK(cond, op, ...) TORCH_CHECK(cond, "tasksieve.", op, ": ", __VA_ARGS__)
 
 constexpr int64_t kMaxExperts = moe_route_detail::kMaxExperts;
+
+// The checks admit only float32, float16 and bfloat16 logits.
+DType to_dtype(at::ScalarType t) {
+  return t == at::kHalf ? DType::kFloat16
+                        : (t == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32);
+}
 
 void check_cuda_experts(const char* op, const char* what, int64_t E) {
   TS_CHECK(E <= kMaxExperts, op, what, " must be at most ", kMaxExperts,
@@ -53,25 +61,10 @@ void tcess_update_cuda(const at::Tensor& router_logits, int64_t top_k, double r,
   at::Tensor acc_c = acc.is_contiguous() ? acc : acc.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t s0 = router_logits.stride(0), s1 = router_logits.stride(1);
-  const float rf = static_cast<float>(r);
-  double* a = acc_c.data_ptr<double>();
-  int64_t* c = count.data_ptr<int64_t>();
-  cudaError_t err;
-  switch (router_logits.scalar_type()) {
-    case at::kFloat:
-      err = TcessUpdate(router_logits.const_data_ptr<float>(), Tn, E, s0, s1, top_k, rf, a, c,
-                        stream);
-      break;
-    case at::kHalf:
-      err = TcessUpdate(static_cast<const __half*>(router_logits.const_data_ptr()), Tn, E, s0, s1,
-                        top_k, rf, a, c, stream);
-      break;
-    default:
-      err = TcessUpdate(static_cast<const __nv_bfloat16*>(router_logits.const_data_ptr()), Tn, E,
-                        s0, s1, top_k, rf, a, c, stream);
-      break;
-  }
-  C10_CUDA_CHECK(err);
+  C10_CUDA_CHECK(TcessUpdateLaunch(to_dtype(router_logits.scalar_type()),
+                                   router_logits.const_data_ptr(), Tn, E, s0, s1, top_k,
+                                   static_cast<float>(r), acc_c.data_ptr<double>(),
+                                   count.data_ptr<int64_t>(), stream));
   if (!acc.is_same(acc_c)) acc.copy_(acc_c);
 }
 
@@ -107,25 +100,10 @@ std::tuple<at::Tensor, at::Tensor> route_topk_cuda(const at::Tensor& router_logi
   const bool* kp = keep_c.defined() ? keep_c.const_data_ptr<bool>() : nullptr;
   const float* bp = bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr;
   const int64_t s0 = router_logits.stride(0), s1 = router_logits.stride(1);
-  const float sc = static_cast<float>(scaling);
-  float* wp = w.data_ptr<float>();
-  int32_t* ip = ids.data_ptr<int32_t>();
-  cudaError_t err;
-  switch (router_logits.scalar_type()) {
-    case at::kFloat:
-      err = RouteTopk(router_logits.const_data_ptr<float>(), Tn, E, s0, s1, top_k, kind,
-                      renormalize, kp, bp, sc, mask_full, wp, ip, stream);
-      break;
-    case at::kHalf:
-      err = RouteTopk(static_cast<const __half*>(router_logits.const_data_ptr()), Tn, E, s0, s1,
-                      top_k, kind, renormalize, kp, bp, sc, mask_full, wp, ip, stream);
-      break;
-    default:
-      err = RouteTopk(static_cast<const __nv_bfloat16*>(router_logits.const_data_ptr()), Tn, E,
-                      s0, s1, top_k, kind, renormalize, kp, bp, sc, mask_full, wp, ip, stream);
-      break;
-  }
-  C10_CUDA_CHECK(err);
+  C10_CUDA_CHECK(RouteTopkLaunch(to_dtype(router_logits.scalar_type()),
+                                 router_logits.const_data_ptr(), Tn, E, s0, s1, top_k, kind,
+                                 renormalize, kp, bp, static_cast<float>(scaling), mask_full,
+                                 w.data_ptr<float>(), ids.data_ptr<int32_t>(), stream));
   return {w, ids};
 }
 
@@ -151,17 +129,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_cuda(
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, topk_ids.options().dtype(at::kByte));
   const int32_t* mp = map_c.defined() ? map_c.const_data_ptr<int32_t>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t err;
-  if (ids.scalar_type() == at::kInt) {
-    err = MoeAlign(ids.const_data_ptr<int32_t>(), S, num_experts, block_m, mp,
-                   sorted.data_ptr<int32_t>(), tiles.data_ptr<int32_t>(),
-                   num_padded.data_ptr<int32_t>(), ws.data_ptr(), ws_bytes, stream);
-  } else {
-    err = MoeAlign(ids.const_data_ptr<int64_t>(), S, num_experts, block_m, mp,
-                   sorted.data_ptr<int32_t>(), tiles.data_ptr<int32_t>(),
-                   num_padded.data_ptr<int32_t>(), ws.data_ptr(), ws_bytes, stream);
-  }
-  C10_CUDA_CHECK(err);
+  C10_CUDA_CHECK(MoeAlignLaunch(ids.scalar_type() == at::kLong, ids.const_data_ptr(), S,
+                                num_experts, block_m, mp, sorted.data_ptr<int32_t>(),
+                                tiles.data_ptr<int32_t>(), num_padded.data_ptr<int32_t>(),
+                                ws.data_ptr(), ws_bytes, stream));
   return {sorted, tiles, num_padded};
 }
 

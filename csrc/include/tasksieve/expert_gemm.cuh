@@ -4,6 +4,9 @@
 //   ExpertGemm<T>(x, w, sorted_ids, tile_expert, num_padded, topk_weights, y, S, K, N, E_c, P,
 //                 block_m, top_k, gather, silu_mul, stream) -> cudaError_t
 //   MoeCombine<T>(y, out, T, k, H, stream) -> cudaError_t
+//   MoeForward<T>(x, w13, w2, ids64, topk_ids, ..., plan, workspace, stream): moe_forward's
+//                 launch sequence; plan = MakeMoeForwardPlan(...) (tile height, workspace layout)
+//   ExpertGemmLaunch / MoeForwardLaunch(DType, ...): the same with the dtype as a runtime tag
 //
 // T = __half or __nv_bfloat16. Layout of moe_align: sorted_ids int32 [P] (slot ids, each
 // expert's run padded to a multiple of block_m with the sentinel S = T*top_k), tile_expert int32
@@ -36,7 +39,9 @@
 
 #include "tasksieve/common.h"
 #include "tasksieve/cuda_convert.cuh"
+#include "tasksieve/dtype.cuh"
 #include "tasksieve/expert_gemm_index.h"
+#include "tasksieve/moe_route.cuh"
 
 namespace tasksieve {
 
@@ -298,6 +303,109 @@ cudaError_t MoeCombine(const float* y, T* out, int64_t T_, int64_t k, int64_t H,
   MoeCombineKernel<T><<<static_cast<unsigned>(blocks), kThreadsCombine, 0, stream>>>(y, out, T_,
                                                                                      k, H);
   return cudaGetLastError();
+}
+
+// ---- Entry points of the torch glue (csrc/cuda/moe_gemm.cu) and the simulator runner
+// (csrc/sim/sim_premoe.cu) -----------------------------------------------------------------------
+
+// expert_gemm: ExpertGemm<T> (y in x's dtype) for dt = fp16 or bf16.
+inline cudaError_t ExpertGemmLaunch(DType dt, const void* x, const void* w,
+                                    const int32_t* sorted_ids, const int32_t* tile_expert,
+                                    const int32_t* num_padded, const float* topk_weights, void* y,
+                                    int64_t S, int64_t K, int64_t N, int64_t E_c, int64_t P,
+                                    int64_t block_m, int64_t top_k, bool gather, bool silu_mul,
+                                    cudaStream_t stream) {
+  return DispatchHalf(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return ExpertGemm<T>(static_cast<const T*>(x), static_cast<const T*>(w), sorted_ids,
+                         tile_expert, num_padded, topk_weights, static_cast<T*>(y), S, K, N, E_c,
+                         P, block_m, top_k, gather, silu_mul, stream);
+  });
+}
+
+// moe_forward's tile height and workspace: one device buffer of `bytes`, carved at 256-byte
+// aligned offsets into moe_align's outputs and scratch, h (silu(gate) * up per slot, T) and y
+// (weighted slot rows, fp32, zeroed by MoeForward itself). No initialisation needed.
+struct MoeForwardPlan {
+  int64_t S = 0, block_m = 16, P = 0;
+  size_t sorted_off = 0, tiles_off = 0, npad_off = 0, align_off = 0, align_bytes = 0;
+  size_t h_off = 0, y_off = 0, y_bytes = 0, bytes = 0;
+};
+
+inline MoeForwardPlan MakeMoeForwardPlan(int64_t T_, int64_t H, int64_t I, int64_t E_c,
+                                         int64_t k, int64_t num_experts, size_t elem_bytes) {
+  MoeForwardPlan p;
+  p.S = T_ * k;
+  p.block_m = moe::choose_block_m(p.S, E_c);
+  p.P = moe::padded_size(p.S, num_experts, p.block_m);
+  auto carve = [&](size_t n) {
+    const size_t off = p.bytes;
+    p.bytes = round_up<size_t>(off + n, 256);
+    return off;
+  };
+  p.sorted_off = carve(static_cast<size_t>(p.P) * sizeof(int32_t));
+  p.tiles_off = carve(static_cast<size_t>(p.P / p.block_m) * sizeof(int32_t));
+  p.npad_off = carve(sizeof(int32_t));
+  p.align_bytes = MoeAlignWorkspaceBytes(p.S, num_experts);
+  p.align_off = carve(p.align_bytes);
+  p.h_off = carve(static_cast<size_t>(p.S) * I * elem_bytes);
+  p.y_bytes = static_cast<size_t>(p.S) * H * sizeof(float);
+  p.y_off = carve(p.y_bytes);
+  return p;
+}
+
+// moe_forward (csrc/ops.cpp) on the device, no host sync: moe_align (block_m and P from the
+// plan) -> ExpertGemm(x, w13, gather, silu_mul) into h [S, I] -> ExpertGemm(h, w2, router
+// weights) into fp32 y [S, H] (rows of dropped slots stay 0) -> MoeCombine into out [T, H].
+// x [T, H], w13 [E_c, 2I, H], w2 [E_c, H, I] contiguous, 16-byte aligned, H % 8 == I % 8 == 0;
+// topk_ids [T, k] int32/int64 (ids64) contiguous; topk_weights fp32 [T, k]; expert_map int32
+// [num_experts] or nullptr; workspace: plan.bytes bytes, 256-byte aligned.
+template <typename T>
+cudaError_t MoeForward(const T* x, const T* w13, const T* w2, bool ids64, const void* topk_ids,
+                       const float* topk_weights, const int32_t* expert_map, T* out, int64_t T_,
+                       int64_t H, int64_t I, int64_t E_c, int64_t k, int64_t num_experts,
+                       const MoeForwardPlan& plan, void* workspace, cudaStream_t stream) {
+  if (T_ < 0 || H < 0 || I < 1 || k < 1 || E_c < 1 || num_experts < 1 || plan.S != T_ * k)
+    return cudaErrorInvalidValue;
+  if (T_ == 0 || H == 0) return cudaSuccess;
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  int32_t* sorted = reinterpret_cast<int32_t*>(ws + plan.sorted_off);
+  int32_t* tiles = reinterpret_cast<int32_t*>(ws + plan.tiles_off);
+  int32_t* npad = reinterpret_cast<int32_t*>(ws + plan.npad_off);
+  T* h = reinterpret_cast<T*>(ws + plan.h_off);
+  float* y = reinterpret_cast<float*>(ws + plan.y_off);
+  cudaError_t err = MoeAlignLaunch(ids64, topk_ids, plan.S, num_experts, plan.block_m,
+                                   expert_map, sorted, tiles, npad, ws + plan.align_off,
+                                   plan.align_bytes, stream);
+  if (err != cudaSuccess) return err;
+  // h rows of dropped slots are never read (the down GEMM walks the same tiles); y rows of
+  // dropped slots must read as 0 in the combine. y is fp32 so each output is rounded once,
+  // after the sum over the k slots, as on the CPU (k rounded terms could cancel badly).
+  if ((err = cudaMemsetAsync(y, 0, plan.y_bytes, stream)) != cudaSuccess) return err;
+  err = ExpertGemm<T>(x, w13, sorted, tiles, npad, nullptr, h, plan.S, H, 2 * I, E_c, plan.P,
+                      plan.block_m, k, /*gather=*/true, /*silu_mul=*/true, stream);
+  if (err != cudaSuccess) return err;
+  err = ExpertGemm<T, float>(h, w2, sorted, tiles, npad, topk_weights, y, plan.S, I, H, E_c,
+                             plan.P, plan.block_m, k, /*gather=*/false, /*silu_mul=*/false,
+                             stream);
+  if (err != cudaSuccess) return err;
+  return MoeCombine<T>(y, out, T_, k, H, stream);
+}
+
+// MoeForward for dt = fp16 or bf16.
+inline cudaError_t MoeForwardLaunch(DType dt, const void* x, const void* w13, const void* w2,
+                                    bool ids64, const void* topk_ids, const float* topk_weights,
+                                    const int32_t* expert_map, void* out, int64_t T_, int64_t H,
+                                    int64_t I, int64_t E_c, int64_t k, int64_t num_experts,
+                                    const MoeForwardPlan& plan, void* workspace,
+                                    cudaStream_t stream) {
+  return DispatchHalf(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return MoeForward<T>(static_cast<const T*>(x), static_cast<const T*>(w13),
+                         static_cast<const T*>(w2), ids64, topk_ids, topk_weights, expert_map,
+                         static_cast<T*>(out), T_, H, I, E_c, k, num_experts, plan, workspace,
+                         stream);
+  });
 }
 
 #ifdef TASKSIEVE_COMPILE_CHECK

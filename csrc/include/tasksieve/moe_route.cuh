@@ -4,6 +4,8 @@
 //   TcessUpdate<T>(logits, ..., acc, count, stream)                  -> cudaError_t
 //   MoeAlign<Id>(topk_ids, ..., sorted_ids, tile_expert, num_padded, workspace, stream)
 //   MoeAlignWorkspaceBytes(num_slots, num_experts)                   -> size_t
+//   TcessUpdateLaunch / RouteTopkLaunch(DType, ...), MoeAlignLaunch(ids64, ...): the same with
+//   the element type as a runtime tag (what the torch glue and the simulator runner call)
 //
 // Contracts: route_topk, tcess_update, moe_align in csrc/ops.cpp; ranking rule and sizes in
 // moe_index.h (shared with the CPU impls). T is float, __half or __nv_bfloat16 (math in fp32).
@@ -38,6 +40,7 @@
 #include <cstdint>
 
 #include "tasksieve/common.h"
+#include "tasksieve/dtype.cuh"
 #include "tasksieve/moe_index.h"
 
 namespace tasksieve {
@@ -275,13 +278,16 @@ __global__ void AlignCountKernel(const Id* __restrict__ ids, int64_t S, int64_t 
   for (int c = lane; c < E; c += 32) ws_cnt[seg * E + c] = hist[c];
 }
 
-__global__ void __launch_bounds__(kAlignScanThreads)
+// A template (instantiated once, <kAlignScanThreads>) so that this header can be included by
+// several .cu files of one program (expert_gemm.cuh's MoeForward runs moe_align too).
+template <int kScanThreads>
+__global__ void __launch_bounds__(kScanThreads)
     AlignScanKernel(int32_t* __restrict__ ws_cnt, int32_t* __restrict__ ws_off, int64_t segs,
                     int E, int block_m, int32_t sentinel, int64_t P,
                     int32_t* __restrict__ sorted_ids, int32_t* __restrict__ tile_expert,
                     int32_t* __restrict__ num_padded) {
-  __shared__ int32_t s_off[kAlignScanThreads + 1];  // run starts; s_off[E] = num_padded
-  __shared__ int32_t warp_tot[kAlignScanThreads / 32];
+  __shared__ int32_t s_off[kScanThreads + 1];  // run starts; s_off[E] = num_padded
+  __shared__ int32_t warp_tot[kScanThreads / 32];
   const int c = threadIdx.x, lane = c % 32, warp = c / 32;
   int32_t total = 0;
   if (c < E) {  // exclusive prefix over segments, in place; 8 loads in flight at a time
@@ -334,9 +340,9 @@ __global__ void __launch_bounds__(kAlignScanThreads)
   }
   __syncthreads();
   const int32_t used = s_off[E];
-  for (int64_t i = used + c; i < P; i += kAlignScanThreads) sorted_ids[i] = sentinel;
+  for (int64_t i = used + c; i < P; i += kScanThreads) sorted_ids[i] = sentinel;
   const int64_t tiles = P / block_m, used_tiles = used / block_m;
-  for (int64_t t = c; t < tiles; t += kAlignScanThreads) {
+  for (int64_t t = c; t < tiles; t += kScanThreads) {
     int32_t e = -1;
     if (t < used_tiles) {  // the last expert whose run starts at or before row t * block_m
       const int64_t row = t * block_m;
@@ -463,7 +469,7 @@ cudaError_t MoeAlign(const Id* topk_ids, int64_t num_slots, int64_t num_experts,
         topk_ids, num_slots, seg_len, segs, E, expert_map, ws_cnt);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  d::AlignScanKernel<<<1, d::kAlignScanThreads, 0, stream>>>(
+  d::AlignScanKernel<d::kAlignScanThreads><<<1, d::kAlignScanThreads, 0, stream>>>(
       ws_cnt, ws_off, segs, E, static_cast<int>(block_m), static_cast<int32_t>(num_slots), P,
       sorted_ids, tile_expert, num_padded);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -474,6 +480,47 @@ cudaError_t MoeAlign(const Id* topk_ids, int64_t num_slots, int64_t num_experts,
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+// ---- Entry points of the torch glue (csrc/cuda/moe_route.cu) and the simulator runner
+// (csrc/sim/sim_premoe.cu): the dtype dispatch lives here, so both reach the same variants.
+
+// TcessUpdate for logits of dtype `dt` (fp32, fp16 or bf16).
+inline cudaError_t TcessUpdateLaunch(DType dt, const void* logits, int64_t Tn, int64_t E,
+                                     int64_t s0, int64_t s1, int64_t top_k, float r, double* acc,
+                                     int64_t* count, cudaStream_t stream) {
+  return DispatchFloat(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return TcessUpdate<T>(static_cast<const T*>(logits), Tn, E, s0, s1, top_k, r, acc, count,
+                          stream);
+  });
+}
+
+// RouteTopk for logits of dtype `dt` (fp32, fp16 or bf16).
+inline cudaError_t RouteTopkLaunch(DType dt, const void* logits, int64_t Tn, int64_t E,
+                                   int64_t s0, int64_t s1, int64_t top_k, moe::Scoring scoring,
+                                   bool renormalize, const bool* keep_mask, const float* bias,
+                                   float scaling, bool mask_full, float* topk_weights,
+                                   int32_t* topk_ids, cudaStream_t stream) {
+  return DispatchFloat(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return RouteTopk<T>(static_cast<const T*>(logits), Tn, E, s0, s1, top_k, scoring,
+                        renormalize, keep_mask, bias, scaling, mask_full, topk_weights, topk_ids,
+                        stream);
+  });
+}
+
+// MoeAlign for int64 (ids64) or int32 topk_ids.
+inline cudaError_t MoeAlignLaunch(bool ids64, const void* topk_ids, int64_t num_slots,
+                                  int64_t num_experts, int64_t block_m, const int32_t* expert_map,
+                                  int32_t* sorted_ids, int32_t* tile_expert, int32_t* num_padded,
+                                  void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  return ids64 ? MoeAlign<int64_t>(static_cast<const int64_t*>(topk_ids), num_slots, num_experts,
+                                   block_m, expert_map, sorted_ids, tile_expert, num_padded,
+                                   workspace, workspace_bytes, stream)
+               : MoeAlign<int32_t>(static_cast<const int32_t*>(topk_ids), num_slots, num_experts,
+                                   block_m, expert_map, sorted_ids, tile_expert, num_padded,
+                                   workspace, workspace_bytes, stream);
 }
 
 #ifdef TASKSIEVE_COMPILE_CHECK

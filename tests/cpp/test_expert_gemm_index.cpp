@@ -1,6 +1,7 @@
 // Unit tests of the expert GEMM index math (csrc/include/tasksieve/expert_gemm_index.h), host
 // only. Built and run by CMake/ctest (no torch, no GPU). The tile walk is checked against a
 // brute-force moe_align layout built from the contract in csrc/ops.cpp.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <vector>
@@ -123,10 +124,42 @@ static void TestTileWalk() {
   }
 }
 
+// The CUDA grid (gemm_grid_tiles) covers every tile a layout may use, also when the used tiles
+// are not a prefix: random layouts of valid tiles at random positions before num_padded (what
+// the CPU op accepts). The old bound ceil(S / bm) + min(E_c, S) misses some of them.
+static void TestGridCoversEveryTile() {
+  CHECK_EQ(moe::gemm_grid_tiles(0, 16), 0);
+  CHECK_EQ(moe::gemm_grid_tiles(64, 16), 4);
+  CHECK_EQ(moe::gemm_grid_tiles(976, 16), 61);
+  unsigned state = 777u;
+  auto rnd = [&](unsigned n) {
+    state = state * 1103515245u + 12345u;
+    return (state >> 8) % n;
+  };
+  int old_bound_misses = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    const int64_t S = 1 + rnd(12), Ec = 1 + rnd(4), bm = int64_t{16} << rnd(3);
+    const int64_t tiles = 1 + rnd(8), P = tiles * bm;
+    const int64_t num_padded = bm * rnd(static_cast<unsigned>(tiles + 1));
+    const int64_t grid = moe::gemm_grid_tiles(P, bm);
+    const int64_t old_bound = std::min(P / bm, (S + bm - 1) / bm + std::min(Ec, S));
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t e = static_cast<int64_t>(rnd(static_cast<unsigned>(Ec + 1))) - 1;
+      if (!moe::tile_active(t, bm, moe::active_rows(num_padded, P)) ||
+          !moe::tile_expert_valid(e, Ec))
+        continue;
+      CHECK(t < grid);
+      if (t >= old_bound) ++old_bound_misses;
+    }
+  }
+  CHECK(old_bound_misses > 0);  // the cases the fix is about do occur in this sample
+}
+
 int main() {
   TestSizes();
   TestWeightRows();
   TestTileWalk();
+  TestGridCoversEveryTile();
   if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);
   else std::printf("test_expert_gemm_index: all checks passed\n");
   return g_failures != 0;

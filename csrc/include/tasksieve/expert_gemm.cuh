@@ -245,13 +245,12 @@ cudaError_t LaunchExpertGemm(const T* x, const T* w, const int32_t* sorted_ids,
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(C::kBytes));
   if (err != cudaSuccess) return err;
-  // Only the first tiles can be in use: an expert with c slots fills ceil(c / BM) <= c / BM + 1
-  // of them, so at most ceil(S / BM) + min(E_c, S) hold a kept expert (tiles are sorted by
-  // expert, invalid ids last). At decode P / BM is dominated by num_experts * (BM - 1) / BM
-  // empty tiles; bounding the grid here spares those CTAs without a host sync.
-  const int64_t used_max = ts_min(P / BM, ceil_div(S, int64_t{BM}) + ts_min(E_c, S));
-  const dim3 grid(static_cast<unsigned>(used_max), static_cast<unsigned>(ceil_div(N_out,
-                                                                                  int64_t{kBN})));
+  // One CTA per tile of the layout (moe::gemm_grid_tiles): the tiles in use are found on the
+  // device (num_padded, tile_expert), and they need not be a prefix of the layout (the CPU op
+  // accepts any), so no bound short of P / BM is safe without a host sync. Unused tiles exit
+  // after two loads.
+  const dim3 grid(static_cast<unsigned>(moe::gemm_grid_tiles(P, BM)),
+                  static_cast<unsigned>(ceil_div(N_out, int64_t{kBN})));
   kernel<<<grid, kThreads, C::kBytes, stream>>>(x, w, sorted_ids, tile_expert, num_padded,
                                                 topk_weights, y, S, K, N, N_out, E_c, P, top_k,
                                                 gather);

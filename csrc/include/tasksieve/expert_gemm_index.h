@@ -17,6 +17,8 @@
 //                                                    starts at output column n0, or -1 past the
 //                                                    end (silu_mul: rows [0, half) gate, then up)
 //   int64_t choose_block_m(S, E_c)                   moe_forward's tile height on CUDA
+//   int64_t gemm_grid_tiles(P, block_m)              CTAs along the tiles of the CUDA grid: every
+//                                                    tile of the layout (P / block_m)
 #pragma once
 
 #include <cstdint>
@@ -70,6 +72,14 @@ TS_HOST_DEVICE TS_INLINE int64_t choose_block_m(int64_t S, int64_t E_c) {
   if (per_expert >= 48) return 64;
   if (per_expert >= 24) return 32;
   return 16;
+}
+
+// The CUDA kernel's grid along the tiles. The tiles in use (tile_active and tile_expert_valid)
+// are only known on the device and need not be a prefix of the layout (moe_align's are, a
+// hand-built one the CPU op accepts need not be), so every tile gets a CTA; unused ones exit
+// at once. A bound like ceil(S / block_m) + min(E_c, S) would skip valid tiles of such layouts.
+TS_HOST_DEVICE TS_INLINE int64_t gemm_grid_tiles(int64_t P, int64_t block_m) {
+  return block_m > 0 && P > 0 ? P / block_m : 0;
 }
 
 }  // namespace moe

@@ -262,6 +262,22 @@ def _non_prefix_case(dt):
     return (x, w, ids, tiles, npad, bm, 1, True, "none", None)
 
 
+def _skipped_tiles_case(dt):
+    """Tiles past num_padded and tiles of expert -1 are not computed even when their ids look
+    valid (tests/test_moe_gemm.py::test_expert_gemm_skips_unused_tiles): their rows stay 0."""
+    g = torch.Generator().manual_seed(3)
+    bm, T, K, N = 16, 5, 16, 24
+    x = torch.randn(T, K, generator=g).to(dt)
+    w = torch.randn(2, N, K, generator=g).to(dt)
+    ids = torch.full((3 * bm,), T, dtype=torch.int32)
+    ids[0:2] = torch.tensor([0, 1])        # tile 0, expert 1
+    ids[bm:bm + 2] = torch.tensor([2, 3])  # tile 1, expert -1
+    ids[2 * bm] = 4                        # tile 2, expert 0 but past num_padded
+    tiles = torch.tensor([1, -1, 0], dtype=torch.int32)
+    npad = torch.tensor([2 * bm], dtype=torch.int32)
+    return (x, w, ids, tiles, npad, bm, 1, True, "none", None)
+
+
 # ---------------------------------------------------------------------------------------------
 # moe_forward
 # ---------------------------------------------------------------------------------------------
@@ -302,10 +318,12 @@ def sim():
     rc, ac = _route_cases(), _align_cases()
     gc, fc = _gemm_cases(), _fwd_cases()
     npc = [_non_prefix_case(dt) for dt in GEMM_DTYPES]
+    skc = [_skipped_tiles_case(dt) for dt in GEMM_DTYPES]
     calls = [("route_topk", (z,), kw) for (_, z, kw) in rc]
     calls += [("moe_align", (ids, E, bm, m), {}) for (_, ids, E, bm, m) in ac]
     calls += [("expert_gemm", a, {}) for (_, a) in gc]
     calls += [("expert_gemm", a, {}) for a in npc]
+    calls += [("expert_gemm", a, {}) for a in skc]
     calls += [("moe_forward", a, {}) for (_, a) in fc]
     it = iter(run_many(calls))
     return {
@@ -313,6 +331,7 @@ def sim():
         "align": list(zip(ac, [next(it) for _ in ac])),
         "gemm": list(zip(gc, [next(it) for _ in gc])),
         "non_prefix": list(zip(npc, [next(it) for _ in npc])),
+        "skipped": list(zip(skc, [next(it) for _ in skc])),
         "fwd": list(zip(fc, [next(it) for _ in fc])),
     }
 
@@ -479,6 +498,16 @@ def test_expert_gemm_tiles_not_a_prefix(sim, dtype):
         cpu = OPS.expert_gemm.default(*args)
         assert (cpu != 0).all(), "the case must have nonzero expected rows in the skipped tile"
         _check_gemm(f"{_name(dtype)} valid tile 3 of 4 only (not a prefix)", args, y)
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES, ids=_name)
+def test_expert_gemm_skips_unused_tiles(sim, dtype):
+    for args, res in sim["skipped"]:
+        if args[0].dtype != dtype:
+            continue
+        (y,) = res.unwrap()
+        assert (y[2:] == 0).all() and (y[:2] != 0).any()
+        _check_gemm(f"{_name(dtype)} tiles past num_padded / of expert -1", args, y)
 
 
 @pytest.mark.parametrize("dtype", GEMM_DTYPES, ids=_name)

@@ -594,3 +594,58 @@ def test_reference_imports_only_torch():
         elif isinstance(node, ast.ImportFrom):
             mods.add("." if node.level else node.module.split(".")[0])
     assert mods <= {"__future__", "math", "typing", "torch"}, mods
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions (issue 10).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_window_scores_rejects_zero_query_heads():
+    """H = 0 query heads with Hk >= 1 used to pass the checks (0 % Hk == 0): the CPU kernel then
+    divided by zero (SIGFPE, the interpreter dies) and CUDA returned a bare "invalid argument".
+    A subprocess, so that the crash fails this test instead of killing the session."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\nfrom tasksieve import ops\n"
+        "try:\n"
+        "    ops.window_scores(torch.randn(1, 2, 0, 8), torch.randn(1, 10, 2, 8), 2, 'max')\n"
+        "    print('NO ERROR')\n"
+        "except RuntimeError as e:\n"
+        "    print('RuntimeError:', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"the interpreter died (exit {r.returncode}): {r.stderr[-2000:]}"
+    assert "tasksieve.window_scores: q_obs heads H must be >= 1, got H=0" in r.stdout, r.stdout
+    with pytest.raises(RuntimeError, match=r"tasksieve\.window_scores: q_obs heads H must be >= 1"):
+        ops.window_scores(torch.randn(0, 2, 0, 8), torch.randn(0, 10, 2, 8), 2, "max")  # B = 0 too
+
+
+def test_gather_windows_inplace_rejects_overlapping_entries():
+    """Two entries of the in-place gather that share bytes race (each is compacted on its own);
+    any overlap is refused, not only identical data pointers; disjoint views are fine."""
+    idx = _IDX(0, 2, 1, 3)
+    buf = torch.randn(1, 2, 12, 4)
+    a, b = buf[:, :, :10], buf[:, :, 2:]  # rows 2..9 of buf are in both
+    before = buf.clone()
+    with pytest.raises(RuntimeError, match=r"tasksieve\.gather_windows_: kv\[0\] and kv\[1\] "
+                                           r"must not overlap in memory"):
+        ops.gather_windows_([a, b], idx, 2, 1)
+    assert torch.equal(buf, before)  # nothing written
+    with pytest.raises(RuntimeError, match=r"kv\[0\] and kv\[2\] must not overlap"):
+        ops.gather_windows_([buf[:, :, :10], torch.randn(1, 2, 10, 4), buf[:, :, :10]], idx, 2, 1)
+    with pytest.raises(RuntimeError, match=r"kv\[0\] and kv\[1\] must not overlap"):
+        c = torch.randn(1, 2, 10, 8)  # last dims overlap by one element: [0, 5) and [4, 8)
+        ops.gather_windows_([c[..., :5], c[..., 4:]], idx, 2, 1)
+    # disjoint views of one buffer: a fused [.., 2D] K|V cache split in the last dim (their
+    # extents interleave but no byte is shared), two head slices, a gap between column ranges
+    fused, heads, gap = torch.randn(1, 2, 10, 8), torch.randn(1, 4, 10, 4), torch.randn(1, 2, 10, 8)
+    for views, i in (([fused[..., :4], fused[..., 4:]], idx),
+                     ([heads[:, :2], heads[:, 2:]], idx),
+                     ([gap[..., :3], gap[..., 5:]], idx)):
+        expect = ref.reference_gather_windows([v.clone() for v in views], i, 2, 1)
+        ops.gather_windows_(views, i, 2, 1)
+        for v, e in zip(views, expect):
+            assert torch.equal(v[:, :, :5], e)

@@ -4,19 +4,24 @@
 //
 // Only the checks that both ops make are here. Each caller keeps its device-kind check (is_cpu /
 // is_cuda) and its own extra checks (the CPU ops validate values inside kv_start and idx; the
-// CUDA in-place gather checks for overlap and its output length), and calls these pieces in the
-// order it always checked, so the first error reported is unchanged.
+// CUDA in-place gather checks its output length), and calls these pieces in the order it always
+// checked, so the first error reported is unchanged.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <numeric>
 #include <optional>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 namespace tasksieve {
 namespace checks {
@@ -66,6 +71,7 @@ inline WindowScoresDims check_window_scores_args(const at::Tensor& q_obs, const 
   TS_KVW_CHECK(D >= 1 && D <= 256, op, "q_obs head dim D must be in [1, 256], got ", D);
   TS_KVW_CHECK(k.size(3) == D, op, "k head dim must equal q_obs head dim (", D, "), got ",
                k.size(3));
+  TS_KVW_CHECK(H >= 1, op, "q_obs heads H must be >= 1, got H=", H);
   TS_KVW_CHECK(Hk >= 1 && H % Hk == 0, op,
                "k heads Hk must be >= 1 and divide the q_obs heads H=", H, ", got Hk=", Hk);
   TS_KVW_CHECK(q_obs.stride(3) == 1 || D == 1, op,
@@ -137,6 +143,105 @@ inline void check_gather_idx(const char* op, const at::Tensor& ref, const at::Te
                ref.device(), "), got ", idx.device());
   TS_KVW_CHECK(window >= 1, op, "window must be >= 1, got ", window);
   TS_KVW_CHECK(tail >= 0 && tail <= N, op, "tail must be in [0, N] = [0, ", N, "], got ", tail);
+}
+
+// ---------------------------------------------------------------------------------------------
+// gather_windows_: the entries of kv must not share a byte of memory. The kernels compact every
+// (tensor, b, h) slice on its own; two entries with a common byte race (CUDA) or read data the
+// other one already moved (CPU). Exact for any strides: an entry [B, Hk, N, D] touches the
+// B*Hk*N byte segments [p + b*sb + h*sh + n*sn, + D*elem) (head dim contiguous, checked before).
+//   1. extents [lowest, highest byte] disjoint -> fine (separate tensors, batch/head slices);
+//   2. every stride of both a multiple of P (gcd) and both segments at most P bytes: bytes of
+//      an entry lie at fixed residues mod P, so disjoint residue ranges -> fine (a fused K|V
+//      cache [.., 2D] split in the last dim);
+//   3. otherwise the merged segments of both are intersected exactly (rare layouts only).
+// Called after the per-entry checks; an entry that overlaps itself is refused as before.
+// ---------------------------------------------------------------------------------------------
+namespace detail {
+
+struct KvSpan {
+  int64_t base = 0, lo = 0, hi = 0, row = 0;  // byte addresses; row = D * elem bytes
+  int64_t size[3] = {0, 0, 0}, stride[3] = {0, 0, 0};  // [B, Hk, N], byte strides
+};
+
+inline KvSpan kv_span(const at::Tensor& t) {
+  KvSpan s;
+  const int64_t es = static_cast<int64_t>(t.element_size());
+  s.base = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr()));
+  s.row = t.size(3) * es;
+  s.lo = s.hi = s.base;
+  for (int d = 0; d < 3; ++d) {
+    s.size[d] = t.size(d);
+    s.stride[d] = t.stride(d) * es;
+    const int64_t reach = (t.size(d) - 1) * s.stride[d];
+    (reach < 0 ? s.lo : s.hi) += reach;
+  }
+  s.hi += s.row;
+  return s;
+}
+
+// Sorted, merged byte segments [begin, end) of one entry.
+inline std::vector<std::pair<int64_t, int64_t>> kv_segments(const KvSpan& s) {
+  std::vector<std::pair<int64_t, int64_t>> seg;
+  seg.reserve(static_cast<size_t>(s.size[0] * s.size[1] * s.size[2]));
+  for (int64_t b = 0; b < s.size[0]; ++b)
+    for (int64_t h = 0; h < s.size[1]; ++h)
+      for (int64_t n = 0; n < s.size[2]; ++n) {
+        const int64_t p = s.base + b * s.stride[0] + h * s.stride[1] + n * s.stride[2];
+        seg.emplace_back(p, p + s.row);
+      }
+  std::sort(seg.begin(), seg.end());
+  size_t m = 0;
+  for (size_t i = 0; i < seg.size(); ++i) {
+    if (m > 0 && seg[i].first <= seg[m - 1].second) {
+      seg[m - 1].second = std::max(seg[m - 1].second, seg[i].second);
+    } else {
+      seg[m++] = seg[i];
+    }
+  }
+  seg.resize(m);
+  return seg;
+}
+
+inline bool kv_spans_overlap(const KvSpan& a, const KvSpan& b) {
+  if (a.hi <= b.lo || b.hi <= a.lo) return false;  // 1. disjoint extents
+  int64_t P = 0;
+  for (const KvSpan* s : {&a, &b})
+    for (int d = 0; d < 3; ++d)
+      if (s->size[d] > 1) P = std::gcd(P, s->stride[d] < 0 ? -s->stride[d] : s->stride[d]);
+  if (P > 0 && a.row <= P && b.row <= P) {  // 2. residues mod P
+    const int64_t ra = ((a.base % P) + P) % P, rb = ((b.base % P) + P) % P;
+    const int64_t ab = ((rb - ra) % P + P) % P, ba = ((ra - rb) % P + P) % P;
+    if (ab >= a.row && ba >= b.row) return false;
+  }
+  const auto sa = kv_segments(a), sb = kv_segments(b);  // 3. exact
+  size_t i = 0, j = 0;
+  while (i < sa.size() && j < sb.size()) {
+    if (sa[i].first < sb[j].second && sb[j].first < sa[i].second) return true;
+    if (sa[i].second <= sb[j].second) {
+      ++i;
+    } else {
+      ++j;
+    }
+  }
+  return false;
+}
+
+}  // namespace detail
+
+inline void check_gather_inplace_no_overlap(const char* op, at::TensorList kv) {
+  std::vector<detail::KvSpan> spans(kv.size());
+  for (size_t i = 0; i < kv.size(); ++i) {
+    if (kv[i].numel() == 0) continue;
+    at::assert_no_internal_overlap(kv[i]);
+    spans[i] = detail::kv_span(kv[i]);
+    for (size_t j = 0; j < i; ++j) {
+      if (kv[j].numel() == 0) continue;
+      TS_KVW_CHECK(!detail::kv_spans_overlap(spans[j], spans[i]), op, "kv[", j, "] and kv[", i,
+                   "] must not overlap in memory for the in-place gather (each tensor is "
+                   "compacted on its own), got views that share bytes");
+    }
+  }
 }
 
 #undef TS_KVW_CHECK

@@ -425,6 +425,7 @@ void check_gather(const char* op, at::TensorList kv, const at::Tensor& idx, int6
   checks::check_gather_kv_not_empty(op, kv);
   const at::Tensor& ref = kv[0];
   for (size_t i = 0; i < kv.size(); ++i) checks::check_gather_kv_entry(op, kv, i);
+  if (inplace) checks::check_gather_inplace_no_overlap(op, kv);
   TS_CHECK(ref.device().is_cpu(), op, "kv must hold CPU tensors here, got ", ref.device());
   const int64_t B = ref.size(0), Hk = ref.size(1), N = ref.size(2);
   checks::check_gather_idx(op, ref, idx, window, tail);

@@ -37,15 +37,8 @@
 namespace tasksieve {
 namespace {
 
-template <typename T>
-cudaError_t launch_window_scores(const at::Tensor& q, const at::Tensor& k, const int32_t* kv_start,
-                                 float* out, void* ws, size_t ws_bytes, int64_t window, float scale,
-                                 bool reduce_max, cudaStream_t stream) {
-  return WindowScores<T>(static_cast<const T*>(q.const_data_ptr()),
-                         static_cast<const T*>(k.const_data_ptr()), kv_start, out, ws, ws_bytes,
-                         q.size(0), q.size(1), q.size(2), k.size(2), k.size(1), q.size(3), window,
-                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                         k.stride(2), scale, reduce_max, stream);
+DType to_dtype(at::ScalarType t) {  // the checks accepted fp32, fp16 or bf16 only
+  return t == at::kFloat ? DType::kFloat32 : t == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
 }
 
 at::Tensor window_scores_cuda(const at::Tensor& q_obs, const at::Tensor& k, int64_t window,
@@ -73,28 +66,14 @@ at::Tensor window_scores_cuda(const at::Tensor& q_obs, const at::Tensor& k, int6
   if (out.numel() == 0) return out;
   const size_t ws_bytes = WindowScoresWorkspaceBytes(B, A, H, Hk, N, window);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q_obs.options().dtype(at::kByte));
-  const float sc = static_cast<float>(
-      scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D)));
-  const bool reduce_max = reduce == "max";
+  const float sc =
+      scale.has_value() ? static_cast<float>(*scale) : WindowScoresDefaultScale(D);
   const int32_t* ks_ptr = start.defined() ? start.const_data_ptr<int32_t>() : nullptr;
-  float* o = out.data_ptr<float>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t err;
-  switch (dt) {
-    case at::kFloat:
-      err = launch_window_scores<float>(q_obs, k, ks_ptr, o, ws.data_ptr(), ws_bytes, window, sc,
-                                        reduce_max, stream);
-      break;
-    case at::kHalf:
-      err = launch_window_scores<__half>(q_obs, k, ks_ptr, o, ws.data_ptr(), ws_bytes, window, sc,
-                                         reduce_max, stream);
-      break;
-    default:
-      err = launch_window_scores<__nv_bfloat16>(q_obs, k, ks_ptr, o, ws.data_ptr(), ws_bytes,
-                                                window, sc, reduce_max, stream);
-      break;
-  }
-  C10_CUDA_CHECK(err);
+  C10_CUDA_CHECK(WindowScoresLaunch(
+      to_dtype(dt), q_obs.const_data_ptr(), k.const_data_ptr(), ks_ptr, out.data_ptr<float>(),
+      ws.data_ptr(), ws_bytes, B, A, H, Hk, N, D, window, q_obs.stride(0), q_obs.stride(1),
+      q_obs.stride(2), k.stride(0), k.stride(1), k.stride(2), sc, reduce == "max",
+      c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -125,18 +104,8 @@ void check_gather(const char* op, at::TensorList kv, const at::Tensor& idx, int6
                   int64_t tail, bool inplace) {
   checks::check_gather_kv_not_empty(op, kv);
   const at::Tensor& ref = kv[0];
-  for (size_t i = 0; i < kv.size(); ++i) {
-    const at::Tensor& t = kv[i];
-    checks::check_gather_kv_entry(op, kv, i);
-    if (inplace) {
-      at::assert_no_internal_overlap(t);
-      for (size_t j = 0; j < i; ++j)  // the kernel compacts each tensor independently
-        TORCH_CHECK(t.numel() == 0 || kv[j].numel() == 0 ||
-                        t.const_data_ptr() != kv[j].const_data_ptr(),
-                    "tasksieve.", op, ": kv[", j, "] and kv[", i,
-                    "] must not share memory for the in-place gather");
-    }
-  }
+  for (size_t i = 0; i < kv.size(); ++i) checks::check_gather_kv_entry(op, kv, i);
+  if (inplace) checks::check_gather_inplace_no_overlap(op, kv);
   TORCH_CHECK(ref.is_cuda(), "tasksieve.", op, ": kv must hold CUDA tensors here, got ",
               ref.device());
   checks::check_gather_idx(op, ref, idx, window, tail);
@@ -149,22 +118,16 @@ void check_gather(const char* op, at::TensorList kv, const at::Tensor& idx, int6
   }
 }
 
+// In place (dst == nullptr) each descriptor's dst is its src (ignored by the kernel).
 std::vector<GatherDesc> make_descs(at::TensorList src, const std::vector<at::Tensor>* dst) {
   std::vector<GatherDesc> descs(src.size());
   for (size_t i = 0; i < src.size(); ++i) {
     const at::Tensor& s = src[i];
-    const int64_t es = static_cast<int64_t>(s.element_size());
-    GatherDesc& g = descs[i];
-    g.src = dst ? s.const_data_ptr() : s.data_ptr();  // data_ptr(): in place writes into s
-    g.src_stride_b = s.stride(0) * es;
-    g.src_stride_h = s.stride(1) * es;
-    g.src_stride_n = s.stride(2) * es;
-    g.row_bytes = s.size(3) * es;
     const at::Tensor& d = dst ? (*dst)[i] : s;
-    g.dst = d.data_ptr();  // in place: the kernel uses src, dst fields are ignored
-    g.dst_stride_b = d.stride(0) * es;
-    g.dst_stride_h = d.stride(1) * es;
-    g.dst_stride_n = d.stride(2) * es;
+    // data_ptr() of s in place: the kernel writes into s
+    descs[i] = MakeGatherDesc(dst ? s.const_data_ptr() : s.data_ptr(), s.stride(0), s.stride(1),
+                              s.stride(2), d.data_ptr(), d.stride(0), d.stride(1), d.stride(2),
+                              s.size(3), static_cast<int64_t>(s.element_size()));
   }
   return descs;
 }

@@ -2,6 +2,9 @@
 //
 //   GatherWindows(descs, num, idx, B, Hk, N, keep, window, tail, stream)        -> cudaError_t
 //   GatherWindowsInplace(descs, num, idx, B, Hk, N, keep, window, tail, stream) -> cudaError_t
+//   MakeGatherDesc(src, src strides, dst, dst strides, D, elem_bytes) -> GatherDesc
+//                  (element strides -> byte strides: how the glue and the simulator runner
+//                  describe a tensor of the list)
 //
 // Math, for every tensor t of the list, b < B, h < Hk, with L = keep*window + tail:
 //   dst_t[b, h, p*window + u]    = src_t[b, h, idx[b, h, p]*window + u]   p < keep, u < window
@@ -37,6 +40,26 @@ struct GatherDesc {
   int64_t row_bytes = 0;
   int32_t unit_bytes = 1;  // set by the launchers: widest aligned copy unit
 };
+
+// The descriptor of one tensor [B, Hk, N, D] with element strides (src_stride_b, _h, _n), head
+// dim contiguous, elements of elem_bytes bytes, and of its output [B, Hk, L, D] with element
+// strides (dst_stride_b, _h, _n). In place the dst fields are ignored (the glue passes src's).
+inline GatherDesc MakeGatherDesc(const void* src, int64_t src_stride_b, int64_t src_stride_h,
+                                 int64_t src_stride_n, void* dst, int64_t dst_stride_b,
+                                 int64_t dst_stride_h, int64_t dst_stride_n, int64_t D,
+                                 int64_t elem_bytes) {
+  GatherDesc g;
+  g.src = src;
+  g.src_stride_b = src_stride_b * elem_bytes;
+  g.src_stride_h = src_stride_h * elem_bytes;
+  g.src_stride_n = src_stride_n * elem_bytes;
+  g.row_bytes = D * elem_bytes;
+  g.dst = dst;
+  g.dst_stride_b = dst_stride_b * elem_bytes;
+  g.dst_stride_h = dst_stride_h * elem_bytes;
+  g.dst_stride_n = dst_stride_n * elem_bytes;
+  return g;
+}
 
 constexpr int kGatherMaxDescs = 32;
 

@@ -3,6 +3,9 @@
 //   WindowScoresWorkspaceBytes(B, A, H, Hk, N, window) -> size_t
 //   WindowScores<T>(q, k, kv_start, out, workspace, workspace_bytes, B, A, H, Hk, N, D, window,
 //                   q strides, k strides, scale, reduce_max, stream) -> cudaError_t
+//   WindowScoresLaunch(DType, q, k, ...)  the same with a runtime dtype tag (the entry point of
+//                   the torch glue and the simulator runner)
+//   WindowScoresDefaultScale(D) -> float   1/sqrt(D), the scale when the caller gives none
 //
 // Math, per batch b and query head h (G = H / Hk, hk = h / G), fp32 throughout:
 //   x[i, j]  = scale * q[b, i, h, :] . k[b, j, hk, :]        query i at position N - A + i,
@@ -26,10 +29,12 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
 #include "tasksieve/common.h"
+#include "tasksieve/dtype.cuh"
 #include "tasksieve/qk_tiles.cuh"
 #include "tasksieve/window_index.h"
 
@@ -297,6 +302,29 @@ cudaError_t WindowScores(const T* q, const T* k, const int32_t* kv_start, float*
       q_stride_b, q_stride_a, q_stride_h, k_stride_b, k_stride_n, k_stride_h, scale, reduce_max,
       p.windows_per_block, p.wblocks);
   return cudaGetLastError();
+}
+
+// The softmax scale when none is given: 1/sqrt(D), computed in double and rounded once.
+inline float WindowScoresDefaultScale(int64_t D) {
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+}
+
+// WindowScores<T> for T picked by `dt` (kFloat32 / kFloat16 / kBFloat16): the one entry point of
+// the torch glue (csrc/cuda/kv_window.cu) and the simulator runner (csrc/sim/sim_windowkv.cu).
+inline cudaError_t WindowScoresLaunch(DType dt, const void* q, const void* k,
+                                      const int32_t* kv_start, float* out, void* workspace,
+                                      size_t workspace_bytes, int64_t B, int64_t A, int64_t H,
+                                      int64_t Hk, int64_t N, int64_t D, int64_t window,
+                                      int64_t q_stride_b, int64_t q_stride_a, int64_t q_stride_h,
+                                      int64_t k_stride_b, int64_t k_stride_n, int64_t k_stride_h,
+                                      float scale, bool reduce_max, cudaStream_t stream) {
+  return DispatchFloat(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return WindowScores<T>(static_cast<const T*>(q), static_cast<const T*>(k), kv_start, out,
+                           workspace, workspace_bytes, B, A, H, Hk, N, D, window, q_stride_b,
+                           q_stride_a, q_stride_h, k_stride_b, k_stride_n, k_stride_h, scale,
+                           reduce_max, stream);
+  });
 }
 
 #ifdef TASKSIEVE_COMPILE_CHECK

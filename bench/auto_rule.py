@@ -3,7 +3,7 @@
 Localisation prompts (passkey retrieval, a question about one sentence) and aggregation prompts
 (summarise, list the themes) over the same essay contexts: for each prompt, the statistic the
 rule computes (``peak_share`` of the layer-0 observation attention, see
-``tasksieve.windowkv.auto_strategy``) and the strategy it picks. Writes a markdown table to
+``tasksieve.methods.windowkv.auto_strategy``) and the strategy it picks. Writes a markdown table to
 bench/results/auto_rule.md.
 
     python bench/auto_rule.py [--reps 3] [--length 1500]
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 import tasksieve as ts
-from tasksieve import hf, niah
+from tasksieve import hf
+from tasksieve.evaluation import niah
 
 QUESTIONS = {
     "localisation: passkey": None,  # the NIAH needle and question

@@ -100,8 +100,8 @@ def structured_qkv(s: Shape, dtype, device, seed: int = 0):
 
 def run_shape(ctx, s: Shape) -> list[dict]:
     from tasksieve import ops
-    from tasksieve.bench import dense_causal_sdpa, kernel_label, make_row
-    from tasksieve.flexprefill import _budget_blocks, flex_prefill_attention, flex_qa_map
+    from tasksieve.evaluation.bench import dense_causal_sdpa, kernel_label, make_row
+    from tasksieve.methods.flexprefill import _budget_blocks, flex_prefill_attention, flex_qa_map
     from tasksieve.reference import block_sparse_block_mask
 
     dev = ctx.device
@@ -225,7 +225,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
 
 def run(ctx, shapes=None) -> list[dict]:
     """All pipeline rows for `ctx.device` (default shapes, or `shapes`: `Shape`s or dicts)."""
-    from tasksieve.bench import run_shapes
+    from tasksieve.evaluation.bench import run_shapes
 
     if shapes is None:
         shapes = default_shapes(ctx.device, ctx.quick)
@@ -233,6 +233,6 @@ def run(ctx, shapes=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from tasksieve.bench import family_main
+    from tasksieve.evaluation.bench import family_main
 
     sys.exit(family_main(FAMILY))

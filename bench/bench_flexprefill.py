@@ -85,7 +85,7 @@ def _visited_blocks(block_cnt) -> int:
 
 def run_shape(ctx, s: Shape) -> list[dict]:
     from tasksieve import ops
-    from tasksieve.bench import dense_causal_sdpa, kernel_label, make_row
+    from tasksieve.evaluation.bench import dense_causal_sdpa, kernel_label, make_row
     from tasksieve.reference import block_sparse_block_mask
 
     dev = ctx.device
@@ -172,7 +172,7 @@ def run_varlen(ctx) -> list[dict]:
     """One row: S prefill sequences of mixed lengths in one packed varlen call (cu_seqlens)
     against one dense-layout call per sequence, same block sets (~25% of the causal blocks)."""
     from tasksieve import ops
-    from tasksieve.bench import kernel_label, make_row
+    from tasksieve.evaluation.bench import kernel_label, make_row
 
     dev = ctx.device
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
@@ -224,7 +224,7 @@ def run_varlen(ctx) -> list[dict]:
 def run(ctx, shapes=None) -> list[dict]:
     """All FlexPrefill rows for `ctx.device` (default shapes per device and mode, or `shapes`:
     a list of `Shape` or of dicts of Shape fields)."""
-    from tasksieve.bench import run_shapes
+    from tasksieve.evaluation.bench import run_shapes
 
     if shapes is None:
         shapes = default_shapes(ctx.device, ctx.quick)
@@ -232,6 +232,6 @@ def run(ctx, shapes=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from tasksieve.bench import family_main
+    from tasksieve.evaluation.bench import family_main
 
     sys.exit(family_main(FAMILY))

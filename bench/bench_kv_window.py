@@ -174,7 +174,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run_shape(ctx, s: Shape) -> list[dict]:
     from tasksieve import ops
-    from tasksieve.bench import kernel_label, make_row
+    from tasksieve.evaluation.bench import kernel_label, make_row
     from tasksieve.reference import reference_select_windows, reference_window_scores
 
     dev = ctx.device
@@ -296,7 +296,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
 def run(ctx, shapes=None) -> list[dict]:
     """All WindowKV rows for `ctx.device` (default shapes per device and mode, or `shapes`:
     a list of `Shape` or of dicts of Shape fields)."""
-    from tasksieve.bench import run_shapes
+    from tasksieve.evaluation.bench import run_shapes
 
     if shapes is None:
         shapes = default_shapes(ctx.device, ctx.quick)
@@ -304,6 +304,6 @@ def run(ctx, shapes=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from tasksieve.bench import family_main
+    from tasksieve.evaluation.bench import family_main
 
     sys.exit(family_main(FAMILY))

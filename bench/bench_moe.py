@@ -133,7 +133,7 @@ def _nan_time() -> dict:
 
 def run_shape(ctx, s: Shape) -> list[dict]:
     from tasksieve import ops
-    from tasksieve.bench import kernel_label, make_row
+    from tasksieve.evaluation.bench import kernel_label, make_row
 
     dev = ctx.device
     dtype = torch.bfloat16
@@ -232,7 +232,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
 def run(ctx, shapes=None) -> list[dict]:
     """All MoE rows for `ctx.device` (default shapes, or `shapes`: a list of `Shape` or of dicts
     of Shape fields)."""
-    from tasksieve.bench import run_shapes
+    from tasksieve.evaluation.bench import run_shapes
 
     if shapes is None:
         shapes = default_shapes(ctx.device, ctx.quick)
@@ -240,6 +240,6 @@ def run(ctx, shapes=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from tasksieve.bench import family_main
+    from tasksieve.evaluation.bench import family_main
 
     sys.exit(family_main(FAMILY))

@@ -89,7 +89,7 @@ def torch_tcess(z, k, r, acc, count):
 
 def run_shape(ctx, s: Shape) -> list[dict]:
     from tasksieve import ops
-    from tasksieve.bench import kernel_label, make_row
+    from tasksieve.evaluation.bench import kernel_label, make_row
     from tasksieve.reference import (reference_moe_align, reference_route_topk,
                                      reference_tcess_update)
 
@@ -160,7 +160,7 @@ def run_shape(ctx, s: Shape) -> list[dict]:
 def run(ctx, shapes=None) -> list[dict]:
     """All moe_route rows for `ctx.device` (default shapes, or `shapes`: a list of `Shape` or of
     dicts of Shape fields)."""
-    from tasksieve.bench import run_shapes
+    from tasksieve.evaluation.bench import run_shapes
 
     if shapes is None:
         shapes = default_shapes(ctx.device, ctx.quick)
@@ -168,6 +168,6 @@ def run(ctx, shapes=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from tasksieve.bench import family_main
+    from tasksieve.evaluation.bench import family_main
 
     sys.exit(family_main(FAMILY))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
-from tasksieve import models, moefy as mf  # noqa: E402
+from tasksieve.evaluation import models, moefy as mf  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from premoe_fidelity import perplexity, task_streams  # noqa: E402

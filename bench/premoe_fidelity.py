@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
 import tasksieve as ts  # noqa: E402
-from tasksieve import models, moefy as mf, premoe  # noqa: E402
+from tasksieve import premoe  # noqa: E402
+from tasksieve.evaluation import models, moefy as mf  # noqa: E402
 
 TASKS = ("essays", "python", "docs")
 

@@ -21,10 +21,11 @@ def _rand(shape, dtype, seed, dev):
 
 def cases(r, dev, close, sync):
     """Register every FlexPrefill case with Runner `r` (see sanitize_ops.Runner)."""
-    from tasksieve import _ext, ops
+    from tasksieve import ops
+    from tasksieve.ops import _loader
 
     key = "CUDA" if dev.type == "cuda" else "CPU"
-    have = {op: _ext.has_kernel(op, key) for op in OPS}
+    have = {op: _loader.has_kernel(op, key) for op in OPS}
     # (B, Nq, Nk, H, Hk, D, bs, dtype)
     grid = [
         (1, 1, 1, 2, 1, 64, 16, torch.bfloat16),

@@ -28,10 +28,11 @@ def _ids(T, k, E, seed, keep=None):
 
 def cases(r, dev, close, sync):
     """Register every PreMoe case with Runner `r` (see sanitize_ops.Runner)."""
-    from tasksieve import _ext, ops
+    from tasksieve import ops
+    from tasksieve.ops import _loader
 
     key = "CUDA" if dev.type == "cuda" else "CPU"
-    have = {op: _ext.has_kernel(op, key) for op in OPS}
+    have = {op: _loader.has_kernel(op, key) for op in OPS}
 
     # ---- routing -------------------------------------------------------------------------------
     route_grid = [  # (T, E, k)

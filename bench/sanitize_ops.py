@@ -350,13 +350,13 @@ def main(argv=None) -> int:
     if DEV.type == "cuda" and not torch.cuda.is_available():
         print("sanitize_ops: no CUDA GPU visible; nothing to check")
         return 0
-    from tasksieve import _ext
+    from tasksieve.ops import _loader
 
-    have = {op: _ext.has_kernel(op, key) for op in OPS}
+    have = {op: _loader.has_kernel(op, key) for op in OPS}
     print(f"{key} kernels:", ", ".join(f"{op}={'yes' if v else 'NO'}" for op, v in have.items()))
     if not any(have.values()):
         print(f"sanitize_ops: no tasksieve {key} kernel is registered (extension loaded: "
-              f"{_ext.LOADED}, {_ext.LOAD_ERROR}); build the extension first")
+              f"{_loader.LOADED}, {_loader.LOAD_ERROR}); build the extension first")
         return 2
     r = Runner(check=not args.no_check)
     if have["window_scores"]:

@@ -41,23 +41,23 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
 def pytest_configure(config):
-    from tasksieve import _ext
+    from tasksieve.ops import _loader
 
-    if not _ext.LOADED:
+    if not _loader.LOADED:
         raise pytest.UsageError(
             "tasksieve._C is not importable, the test suite needs the compiled extension "
-            f"({_ext.LOAD_ERROR}). Build it with: "
+            f"({_loader.LOAD_ERROR}). Build it with: "
             "TASKSIEVE_CUDA=0 .venv/bin/pip install --no-build-isolation -e ."
         )
 
 
 def requires_kernel(op: str, device) -> None:
     """Fail (CPU) or skip (CUDA kernel not built in this install) unless ``op`` has a kernel."""
-    from tasksieve import _ext
+    from tasksieve.ops import _loader
 
     dev = torch.device(device).type
     key = {"cpu": "CPU", "cuda": "CUDA"}[dev]
-    if _ext.has_kernel(op, key):
+    if _loader.has_kernel(op, key):
         return
     if dev == "cpu":
         pytest.fail(f"tasksieve::{op} has no CPU kernel: every op must have one")

@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from tasksieve import bench, reference
+from tasksieve import reference
+from tasksieve.evaluation import bench
 
 TINY = dict(N=96, H=4, Hk=2, D=16, A=8, window=4, layers=2, budget=0.3)
 TINY_B2 = dict(TINY, B=2, share=False, reduce="mean")

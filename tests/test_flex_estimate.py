@@ -310,7 +310,7 @@ def test_meta_tensors_use_the_fakes():
 
 def test_bench_family_tiny():
     """The bench family runs end to end on a tiny CPU shape, and its checks pass."""
-    from tasksieve import bench
+    from tasksieve.evaluation import bench
 
     mod = bench.load_family("flex_estimate")
     ctx = bench.make_context("cpu", quick=True, ceilings={}, log=lambda *a: None)

@@ -16,7 +16,7 @@ import torch
 from conftest import DEVICES
 from tasksieve import FlexPrefill, flex_prefill_attention, ops
 from tasksieve import reference as ref
-from tasksieve.flexprefill import FlexPattern, flex_qa_map, pattern_report
+from tasksieve.methods.flexprefill import FlexPattern, flex_qa_map, pattern_report
 
 
 def _qkv(B, Nq, Nk, H, Hk, D, seed, device="cpu", dtype=torch.float32):

@@ -5,9 +5,11 @@ WindowKV, decoding stays dense, and unpatch restores the model."""
 import pytest
 import torch
 
-from tasksieve import FlexPrefill, hf, models
-from tasksieve import flexprefill as fpmod
-from tasksieve.windowkv import WindowKV
+from tasksieve import FlexPrefill, hf
+from tasksieve.evaluation import models
+from tasksieve.integrations.hf import attention as hf_attention
+from tasksieve.methods import flexprefill as fpmod
+from tasksieve.methods.windowkv import WindowKV
 
 pytest.importorskip("transformers")
 
@@ -25,7 +27,8 @@ def _gen(model, ids, n=6, **kw):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the (query length, key length) of every flex_prefill_attention call made by the hf module."""
+    """Counts the (query length, key length) of every flex_prefill_attention call made by the HF attention
+    function."""
     seen = []
     real = fpmod.flex_prefill_attention
 
@@ -33,7 +36,7 @@ def calls(monkeypatch):
         seen.append((q.shape[1], k.shape[1]))
         return real(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(hf, "flex_prefill_attention", spy)
+    monkeypatch.setattr(hf_attention, "flex_prefill_attention", spy)
     return seen
 
 

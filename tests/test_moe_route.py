@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tasksieve import ops
 from tasksieve import reference as R
-from tasksieve.moe_conventions import ROUTER_CONVENTIONS, router_convention
+from tasksieve.integrations.hf.moe_conventions import ROUTER_CONVENTIONS, router_convention
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -483,7 +483,7 @@ def test_compile_fullgraph_routing_chain():
 def test_bench_family_rows_check_out():
     """The moe_route benchmark family runs on tiny shapes and its checks (ops vs reference, and
     the torch glue baselines vs reference) all pass."""
-    from tasksieve import bench
+    from tasksieve.evaluation import bench
 
     mod = bench.load_family("moe_route")
     ctx = bench.make_context("cpu", quick=True, ceilings={}, log=lambda *a: None)

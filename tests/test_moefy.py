@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasksieve import models
-from tasksieve import moefy as mf
+from tasksieve.evaluation import models
+from tasksieve.evaluation import moefy as mf
 
 E = 8
 

@@ -3,7 +3,7 @@
 SAMPLES maps every op name to a factory ``device -> list of (args, kwargs)``. The test asserts
 that every op registered in csrc/ops.cpp has an entry, so adding an op without samples fails
 here. opcheck runs its default utilities: schema (mutation/aliasing as declared), autograd
-registration, fake tensor (the register_fake in tasksieve/ops.py) and AOT dispatch with dynamic
+registration, fake tensor (the register_fake in tasksieve/ops/) and AOT dispatch with dynamic
 shapes.
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICES, requires_kernel
-from tasksieve import _ext, ops
+from tasksieve import ops
+from tasksieve.ops import _loader
 
 
 def _gen(seed):
@@ -225,7 +226,7 @@ SAMPLES = {
 
 
 def test_every_op_has_samples():
-    names = _ext.op_names()
+    names = _loader.op_names()
     assert names, "no tasksieve ops registered"
     missing = sorted(set(names) - set(SAMPLES))
     assert not missing, f"ops without opcheck samples in tests/test_opcheck.py: {missing}"
@@ -234,7 +235,7 @@ def test_every_op_has_samples():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_opcheck(name, device):
-    if name not in _ext.op_names():
+    if name not in _loader.op_names():
         pytest.fail(f"SAMPLES lists {name!r}, which is not registered")
     requires_kernel(name, device)
     op = getattr(torch.ops.tasksieve, name).default

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 import tasksieve as ts
-from tasksieve import hf_moe, premoe
-from tasksieve.premoe import Pattern, PatternStore, tiny_moe_model, tiny_tokenizer
+from tasksieve import premoe
+from tasksieve.integrations.hf import moe as hf_moe
+from tasksieve.evaluation.models import load_model
+from tasksieve.evaluation.tiny import tiny_moe_model, tiny_tokenizer
+from tasksieve.premoe import Pattern, PatternStore
 
 from conftest import DEVICES
 
@@ -278,7 +281,7 @@ def test_cli_export_profile_prune_roundtrip(tmp_path, capsys):
     pruned = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
     assert pruned.config.num_experts == 4 and pruned.config.tasksieve_task == "code"
     # the same pruning in memory gives the same logits
-    model, tok = premoe.load_model(str(base))
+    model, tok = load_model(str(base))
     premoe.prune(model, store["code"], keep=0.5)
     ids = torch.tensor([HIGH[:12]])
     with torch.no_grad():

@@ -7,6 +7,7 @@ CPU always; the same cases on CUDA when a GPU is visible (``device`` parametriza
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tasksieve import ops
 from tasksieve import reference as ref
+from tasksieve.ops import _loader
 
 LOW_DTYPES = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32,) + LOW_DTYPES
@@ -429,7 +431,7 @@ def test_window_count():
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: every check raises a RuntimeError naming the argument, through the kernel and
-# through the reference fallback alike.
+# through the reference alike.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -528,18 +530,18 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["kernel", "fallback"])
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
 @pytest.mark.parametrize(
     "op,make,pattern", BAD_INPUTS, ids=[f"{o}-{p[:30]}" for o, _, p in BAD_INPUTS]
 )
-def test_bad_input(op, make, pattern, impl, monkeypatch):
+def test_bad_input(op, make, pattern, impl):
     requires_kernel(op, "cpu")
-    if impl == "fallback":  # the wrapper without kernels runs the reference: same errors
-        monkeypatch.setattr(ops, "_KERNELS", {})
+    # the reference checks its arguments like the kernel: same errors
+    fn = getattr(ops, op) if impl == "kernel" else getattr(ref, f"reference_{op}")
     args = make()
     kv_before = [t.clone() for t in args[0]] if op == "gather_windows_" else None
     with pytest.raises(RuntimeError, match=rf"tasksieve\.{op}: {pattern}"):
-        getattr(ops, op)(*args)
+        fn(*args)
     if kv_before is not None:  # a rejected in-place call writes nothing
         assert all(torch.equal(a, b) for a, b in zip(args[0], kv_before))
 
@@ -550,23 +552,21 @@ def test_gather_rejects_a_lone_tensor(op):
         getattr(ops, op)(_KV(), _IDX(0, 1), 2, 0)
 
 
-def test_fallback_matches_kernel(monkeypatch, seed):
-    """The wrapper's reference fallback gives the kernel's results."""
+def test_reference_matches_kernel(seed):
+    """The reference gives the kernel's results through the whole score -> select -> gather chain."""
     g = _gen(seed)
     q, k = _randn((2, 6, 4, 16), g), _randn((2, 40, 2, 16), g)
     kv = [_randn((2, 2, 40, 16), g), _randn((2, 2, 40, 8), g)]
     start = _i32(0, 5)
     got = {}
-    for impl in ("kernel", "fallback"):
-        if impl == "fallback":
-            monkeypatch.setattr(ops, "_KERNELS", {})
-        s = ops.window_scores(q, k, 4, "max", None, start)
-        idx = ops.select_windows(s, 3, False)
-        out = ops.gather_windows(kv, idx, 4, 6)
+    for impl, lib, prefix in (("kernel", ops, ""), ("reference", ref, "reference_")):
+        s = getattr(lib, prefix + "window_scores")(q, k, 4, "max", None, start)
+        idx = getattr(lib, prefix + "select_windows")(s, 3, False)
+        out = getattr(lib, prefix + "gather_windows")(kv, idx, 4, 6)
         kv2 = [t.clone() for t in kv]
-        ops.gather_windows_(kv2, idx, 4, 6)
+        getattr(lib, prefix + "gather_windows_")(kv2, idx, 4, 6)
         got[impl] = (s, idx, out, kv2)
-    a, b = got["kernel"], got["fallback"]
+    a, b = got["kernel"], got["reference"]
     torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
     assert torch.equal(a[1], b[1])
     assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
@@ -585,15 +585,28 @@ def test_device_mismatch_cuda():
 
 
 def test_reference_imports_only_torch():
-    """reference.py is the ground truth: it must work without the extension and transformers."""
-    tree = ast.parse(open(ref.__file__).read())
+    """The reference is the ground truth: it must work without the extension and transformers, and
+    share no code with the ops it checks (relative imports stay inside the reference package)."""
     mods = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            mods.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            mods.add("." if node.level else node.module.split(".")[0])
-    assert mods <= {"__future__", "math", "typing", "torch"}, mods
+    for path in Path(ref.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                mods.add("." * node.level if node.level else node.module.split(".")[0])
+    assert mods <= {"__future__", "math", "typing", "torch", "."}, mods
+
+
+def test_no_kernel_is_an_error_naming_op_and_device(monkeypatch):
+    """Without a kernel for the input's device the wrapper raises; it never runs other code."""
+    monkeypatch.setattr(_loader, "KERNELS", {("window_scores", "CUDA"): True})
+    with pytest.raises(RuntimeError, match=r"tasksieve\.window_scores: no kernel for device 'cpu' "
+                                           r"\(built: cuda\)"):
+        ops.window_scores(_q(), _k(), 2, "max")
+    monkeypatch.setattr(_loader, "KERNELS", {})
+    with pytest.raises(RuntimeError, match=r"tasksieve\.select_windows: no kernel for device 'cpu' "
+                                           r"\(built: none\)"):
+        ops.select_windows(torch.rand(1, 2, 5), 2)
 
 
 # ---------------------------------------------------------------------------------------------

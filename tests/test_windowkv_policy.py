@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tasksieve import reference as ref
-from tasksieve.windowkv import (
+from tasksieve.methods.windowkv import (
     PressState,
     PyramidKV,
     SnapKV,

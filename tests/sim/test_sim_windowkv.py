@@ -39,8 +39,9 @@ SCORE_CASES = [
     (2, 2, 2, 1, 19, 80, 1, "max", [0, 17], "bhnd"),
     (1, 2, 1, 1, 30, 1, 6, "mean", None, "bnhd"),
     (1, 3, 2, 1, 29, 256, 10, "max", None, "bnhd"),
-    (1, 2, 1, 1, 1033, 8, 1030, "max", [1], "bnhd"),
+    (1, 2, 2, 2, 1033, 8, 1030, "max", [1], "bnhd"),  # two blocks in the global workspace
     (1, 4, 2, 1, 9, 64, 8, "max", None, "bnhd"),  # N - A = 5 < window: nw = 0
+    (1, 3, 2, 1, 150, 64, 2, "max", [5], "bnhd"),  # nw = 73: 3 pass-2 blocks of <= 32 windows
 ]
 
 
@@ -74,6 +75,14 @@ def test_window_scores():
     args = args[:4] + (0.3,) + args[5:]
     calls.append(("window_scores", args, {}))
     inputs.append((SCORE_CASES[0] + ("scale=0.3",), args))
+    # kv_start outside [0, N - A]: the CPU op raises, the CUDA kernel clamps (documented in
+    # csrc/cuda/kv_window.cu); compared with the CPU op on the clamped values
+    for n, (start, clamped) in enumerate((([50], [33]), ([-7], [0]))):
+        q, k, w, red, sc, _ = _score_inputs(SCORE_CASES[0], DTYPES[n], 40 + n)
+        calls.append(("window_scores", (q, k, w, red, sc, torch.tensor(start, dtype=torch.int32)),
+                      {}))
+        args = (q, k, w, red, sc, torch.tensor(clamped, dtype=torch.int32))
+        inputs.append((SCORE_CASES[0] + (f"kv_start {start} clamped to {clamped}",), args))
     for (case, args), res in zip(inputs, run_many(calls)):
         (out,) = res.unwrap()
         dtype = args[0].dtype
@@ -189,6 +198,9 @@ GATHER_CASES = [
     (1, 2, 40, [16], 16, 7, 2, "padded"),
     (1, 2, 12, [64], 4, 12, 0, "contiguous"),  # keep 0, the whole sequence is the tail
     (1, 1, 9, [8], 2, 1, 4, "bnhd"),  # keep*window + tail == N
+    # L = 146 rows: several row tiles out of place; in place the tail moves 4 rows down onto
+    # itself (138 rows, more than one 1024-unit chunk of MoveRows)
+    (1, 2, 150, [64], 4, 138, 2, "contiguous"),
 ]
 GATHER_DTYPES = DTYPES + [torch.int32, torch.uint8]
 

@@ -1,8 +1,9 @@
 """Simulator cases for the WindowKV ops: each function takes the op's own arguments and builds the
 runner case (csrc/sim/sim_windowkv.cu), doing what the CUDA glue (csrc/cuda/kv_window.cu) does
-before its launch: kv_start and idx made contiguous, strides of k and of every kv entry passed
-through as they are (the runner gets the storage and the strides, not a contiguous copy), the
-default scale left to the launcher's helper. Argument checks stay with the glue: hand over only
+before its launch: kv_start and idx made contiguous, k handed over in its own layout ([B, N, Hk,
+D], or an HF cache [B, Hk, N, D] seen through transpose(1, 2): the runner passes those strides
+as the glue would; q is made contiguous), every kv entry as storage + strides (not a contiguous
+copy), the default scale left to the launcher's helper. Argument checks stay with the glue: hand over only
 inputs the CPU op accepts.
 
 gather_windows / gather_windows_: the kv list travels as ``num_kv`` entries; entry i is a view

@@ -80,10 +80,11 @@ TORCH_LIBRARY(tasksieve, m) {
   // list causal blocks c <= d(r). vertical, slash fp32 [B, H, nb] (from flex_estimate: slash[t]
   // = offset block t, 0 = main diagonal); qa_map fp32 [B, H, nbq, nb] (pooled block attention
   // map of the query-aware heads, entries c > d(r) ignored); is_query_aware bool [B, H].
-  // Entries are masses >= 0 (NaN and -0 count as 0). Ranking of a line: value desc, ties to
-  // the lower (flat) index. n(x, gamma) = the fewest top entries whose prefix sum (float64, in
-  // rank order) reaches gamma * (sum of all of x); gamma in (0, 1], 0 <= min_blocks <=
-  // max_blocks (budgets in blocks, never converted by //128).
+  // Entries are masses >= 0 (NaN, -0 and negative entries count as 0). Ranking of a line:
+  // value desc, ties to the lower (flat) index. n(x, gamma) = the fewest top entries whose
+  // prefix sum (float64, in rank order) reaches gamma * (sum of all of x); gamma in (0, 1],
+  // 0 <= min_blocks <= max_blocks (budgets in blocks, never converted by //128). A line whose
+  // entries all count as 0 reaches gamma * 0 with its first ranked entry (n = 1).
   //   vertical-slash head: nv = min(clamp(n(vertical), min_blocks, max_blocks), nb), ns = same
   //     for slash; V = top-nv columns, S = top-ns offsets.
   //   query-aware head: V, S = top-min(min_blocks, nb) columns / offsets (skeleton), plus Q =

@@ -270,3 +270,53 @@ def test_output_feeds_block_sparse_attention():
     # Every query sees at least its own key (the diagonal is always kept): finite LSE.
     _, lse = ref.reference_block_sparse_attention(q, k, k, idx, cnt, bs)
     assert torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_negative_entries_count_as_zero(device, impl):
+    """Negative vertical / slash / map entries are not masses: like NaN and -0 they count as 0
+    (summed and ranked as 0, ties to the lower index), on every device and in the reference.
+    Regression: they used to be summed as negative masses (the CPU op and the reference then
+    ranked them last, and the CUDA bisection was not monotone)."""
+    requires_kernel("select_blocks", device)
+    fn = ops.select_blocks if impl == "op" else ref.reference_select_blocks
+    B, H, Nq, Nk, bs = 2, 3, 37, 61, 8
+    for seed in range(3):
+        v, s, m, qa = _inputs(B, H, Nq, Nk, bs, 40 + seed, 0.5)
+        g = _gen(50 + seed)
+        neg = [torch.rand(t.shape, generator=g) < 0.4 for t in (v, s, m)]
+        v2, s2, m2 = (torch.where(n, -torch.rand(t.shape, generator=g) * 2, t)
+                      for t, n in zip((v, s, m), neg))
+        v2[0, 0] = -1.0  # a line of negatives only: an all-zero line
+        m2[1, 2, 0, 0] = float("-inf")
+        clean = [torch.where(t > 0, t, torch.zeros_like(t)) for t in (v2, s2, m2)]
+        for gamma, mn, mx in ((0.9, 1, 4), (0.5, 0, BIG), (1.0, 2, 3)):
+            got = fn(*(t.to(device) for t in (v2, s2, m2, qa)), Nq, Nk, bs, gamma, mn, mx)
+            want = ref.reference_select_blocks(*clean, qa, Nq, Nk, bs, gamma, mn, mx)
+            assert torch.equal(got[1].cpu(), want[1]), (seed, gamma)
+            assert torch.equal(got[0].cpu(), want[0]), (seed, gamma)
+            _check_format(*got, Nq, Nk, bs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_zero_lines_select_one_entry(device):
+    """A line whose values all count as 0 (zeros, -0, NaN) reaches gamma * 0 with its first
+    ranked entry (the lowest index): one column / offset / map entry, clamped by the budget."""
+    requires_kernel("select_blocks", device)
+    B, H, Nq, Nk, bs = 1, 4, 40, 40, 8
+    nb = 5
+    nan = float("nan")
+    fill = [0.0, -0.0, nan, 0.0]
+    v = torch.stack([torch.full((nb,), x) for x in fill])[None]
+    s = torch.stack([torch.full((nb,), x) for x in fill[::-1]])[None]
+    m = torch.stack([torch.full((nb, nb), x) for x in fill])[None]
+    qa = torch.tensor([[False, False, True, True]])
+    args = [t.to(device) for t in (v, s, m, qa)]
+    idx, cnt = ops.select_blocks(*args, Nq, Nk, bs, 0.9, 1, 8)
+    want = ref.reference_select_blocks(v, s, m, qa, Nq, Nk, bs, 0.9, 1, 8)
+    assert torch.equal(cnt.cpu(), want[1]) and torch.equal(idx.cpu(), want[0])
+    # V = {0}, S = {0} (plus the map's entry (0, 0) for query-aware heads): column 0 and the
+    # diagonal only
+    rows = _rows(idx, cnt)
+    assert all(rows[0][h] == [{0} | {r} for r in range(nb)] for h in range(H))

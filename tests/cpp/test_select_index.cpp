@@ -1,6 +1,7 @@
 // Unit tests of the FlexPrefill block-selection index math (csrc/include/tasksieve/
 // select_index.h), host only. Built and run by CMake/ctest (no torch, no GPU). Each helper is
 // checked against a brute force written from the select_blocks contract in csrc/ops.cpp.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -51,9 +52,9 @@ static void TestKeys() {
   CHECK_EQ(f::sel_order_bits(nan), f::sel_order_bits(0.f));
   CHECK(f::sel_key(1.f, 5) > f::sel_key(0.5f, 0));
   CHECK(f::sel_key(0.5f, 0) > f::sel_key(0.5f, 1));  // tie: lower index first
-  CHECK(f::sel_key(0.f, 3) > f::sel_key(-1.f, 0));
+  CHECK(f::sel_key(0.f, 3) < f::sel_key(-1.f, 0));  // -1 counts as 0: tie, lower index first
   CHECK(f::sel_key(inf, 100) > f::sel_key(3e38f, 0));
-  CHECK(f::sel_key(-inf, 0) < f::sel_key(-3e38f, 100));
+  CHECK(f::sel_key(-inf, 0) > f::sel_key(-3e38f, 100));  // both count as 0
   CHECK(f::sel_key(inf, 0) != ~0ull);  // ~0 is the "select nothing" sentinel
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> U(-2.f, 2.f);
@@ -70,9 +71,48 @@ static void TestKeys() {
   }
 }
 
+// Negative entries (not masses) count as 0, like NaN and -0, on the CPU op and the CUDA kernel
+// alike: summed as 0 and ranked as 0 (ties to the lower index). This keeps the sums over "the
+// entries at or above a key" monotone in the key, which the CUDA bisection relies on.
+static void TestNegatives() {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float neg[] = {-1.f, -1e-30f, -3e38f, -inf, -std::numeric_limits<float>::denorm_min()};
+  for (float x : neg) {
+    CHECK(f::sel_value(x) == 0.f);
+    CHECK(!std::signbit(f::sel_value(x)));
+    CHECK_EQ(f::sel_order_bits(x), f::sel_order_bits(0.f));
+    CHECK(f::sel_key(x, 2) < f::sel_key(0.f, 1));
+    CHECK(f::sel_key(x, 1) > f::sel_key(0.f, 2));
+    CHECK(f::sel_key(x, 0) < f::sel_key(1e-30f, 9));
+  }
+  CHECK(f::sel_value(inf) == inf);
+  CHECK(f::sel_value(2.5f) == 2.5f);
+  CHECK(f::sel_value(std::numeric_limits<float>::denorm_min()) ==
+        std::numeric_limits<float>::denorm_min());
+  // monotone: the sum of sel_value over the entries with key >= k never grows as k grows
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> U(-1.f, 1.f);
+  std::vector<float> x(40);
+  for (int it = 0; it < 200; ++it) {
+    for (float& v : x) v = U(rng);
+    double prev = -1.0;
+    std::vector<uint64_t> keys;
+    for (size_t i = 0; i < x.size(); ++i) keys.push_back(f::sel_key(x[i], int64_t(i)));
+    std::sort(keys.begin(), keys.end());  // ascending keys: the sums must not grow
+    for (size_t a = 0; a < keys.size(); ++a) {
+      double s = 0.0;
+      for (size_t i = 0; i < x.size(); ++i)
+        if (f::sel_key(x[i], int64_t(i)) >= keys[a]) s += f::sel_value(x[i]);
+      if (prev >= 0.0) CHECK(s <= prev);
+      prev = s;
+    }
+  }
+}
+
 int main() {
   TestDiag();
   TestKeys();
+  TestNegatives();
   if (g_failures) {
     std::fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;

@@ -12,9 +12,15 @@
 // entries of qa_map) are the entries whose ranking key (select_index.h: value desc, ties to the
 // lower flat index) is >= a threshold key; the threshold is found by a 64-step bisection on the
 // key bits, each step one block-wide reduction (sum in float64 and count of the entries at or
-// above the candidate key). No sort, no workspace, no host sync. The float64 sums are reduced in
-// a tree order, so at an exact rounding tie with the threshold gamma * total the CUDA count may
-// differ by one from the CPU op (which sums in sorted order); with continuous scores it does not.
+// above the candidate key). No sort, no workspace, no host sync. Tie rule: the float64 sums are
+// reduced in a tree order (per-thread strided sums, warp xor butterflies, warps in order), the
+// CPU op's in rank order; both give the same selection whenever those sums are exact (always for
+// fp32 masses of similar magnitude: 24-bit significands in a 53-bit sum), exact ties with
+// gamma * total included. Where the sums round, a line's count is the one the tree-order sums
+// give, which can differ from the CPU op's by more than one (2^60 next to 255 ones, gamma 1:
+// 130 vs 1; tests/sim/test_sim_flexprefill.py::test_select_blocks_rounding_tie_rule).
+// NaN, -0 and negative entries count as 0 (flex::sel_value); a line whose entries all count as 0
+// takes its first ranked entry, as the CPU op and the reference do.
 // Rows are written by one warp each: ballot over 32 columns at a time gives the ascending
 // compaction, then the row is padded with 0 up to nb.
 #pragma once
@@ -84,8 +90,13 @@ __device__ SumCount AtOrAbove(const Line& L, uint64_t k, SumCount* red) {
   return out;
 }
 
-// Largest key k with (by_mass ? sum : count)(entries with key >= k) >= target; kNone when even
-// k = 0 (all valid entries) falls short or target asks for nothing (count target 0).
+// Largest key k whose set {entries with key >= k} is NOT empty and has (by_mass ? sum : count)
+// >= target; kNone when even k = 0 (all valid entries) falls short or target asks for nothing
+// (count target 0). The set must be non-empty because a mass target can be 0 (a line whose
+// values are all 0 after sel_value: 0 >= gamma * 0 holds for the empty set too); the CPU op and
+// the reference then take the first ranked entry, and so does this (the key of that entry is
+// the largest key with a non-empty set). The predicate is monotone in k (sel_value >= 0 and
+// float64 addition is monotone), so the bisection finds the key of the n-th ranked entry.
 template <int kT>
 __device__ uint64_t Threshold(const Line& L, bool by_mass, double target, SumCount* red) {
   if (!by_mass && target <= 0.0) return kNone;
@@ -95,7 +106,7 @@ __device__ uint64_t Threshold(const Line& L, bool by_mass, double target, SumCou
   for (int bit = 63; bit >= 0; --bit) {
     const uint64_t cand = k | (1ull << bit);
     const SumCount sc = AtOrAbove<kT>(L, cand, red);
-    if ((by_mass ? sc.sum : static_cast<double>(sc.cnt)) >= target) k = cand;
+    if (sc.cnt > 0 && (by_mass ? sc.sum : static_cast<double>(sc.cnt)) >= target) k = cand;
   }
   return k;
 }
@@ -139,7 +150,7 @@ __global__ void __launch_bounds__(kT)
     const Line Lm{m, nbq * nb, nb, true, Nq, Nk, bs};
     const SumCount all = AtOrAbove<kT>(Lm, 0, red);
     km = Threshold<kT>(Lm, true, gamma * all.sum, red);
-    if (km == kNone && all.cnt > 0) km = 0;  // never reached: every causal entry
+    if (km == kNone && all.cnt > 0) km = 0;  // unreachable (gamma <= 1): every causal entry
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t r = warp; r < nbq; r += kT / 32) {
@@ -165,8 +176,10 @@ __global__ void __launch_bounds__(kT)
 
 }  // namespace select_blocks_detail
 
-// BH >= 0, 0 <= Nq <= Nk, bs >= 1, 0 < gamma <= 1, 0 <= min_blocks <= max_blocks; entries are
-// expected >= 0 (attention masses). One launch on `stream` (none when there is nothing to write).
+// BH >= 0, 0 <= Nq <= Nk, bs >= 1, 0 < gamma <= 1, 0 <= min_blocks <= max_blocks. Entries are
+// attention masses: NaN, -0 and negative entries count as 0 (flex::sel_value, shared with the
+// CPU op; a host-side rejection would need a sync). One launch on `stream` (none when there is
+// nothing to write).
 template <typename T = float>
 cudaError_t SelectBlocks(const T* vertical, const T* slash, const T* qa_map, const bool* is_qa,
                          int32_t* block_idx, int32_t* block_cnt, int64_t BH, int64_t Nq,

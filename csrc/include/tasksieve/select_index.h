@@ -9,10 +9,11 @@
 //   int64_t diag_block(r, Nq, Nk, bs)   key block of the LAST query of query block r:
 //                                       (Nk - Nq + min((r+1)*bs, Nq) - 1) / bs; the rightmost
 //                                       causal key block of row r ("its diagonal block")
-//   float    sel_value(float x)         the value an entry is ranked and summed by: NaN and -0
-//                                       become +0
-//   uint32_t sel_order_bits(float x)    monotone map float -> uint32 (a < b iff bits(a) < bits(b)
-//                                       for non-NaN a, b with -0 folded into +0)
+//   float    sel_value(float x)         the value an entry is ranked and summed by: x if x > 0,
+//                                       else +0 (NaN, -0 and negative entries count as 0, so the
+//                                       masses are >= 0 and the CUDA bisection stays monotone)
+//   uint32_t sel_order_bits(float x)    monotone map of sel_value(x) -> uint32 (a < b iff
+//                                       bits(a) < bits(b) for a, b >= 0)
 //   uint64_t sel_key(float x, int64_t i) ranking key of entry i (flat index < 2^32) with value x:
 //                                       larger key = ranked first; higher value first, ties to the
 //                                       lower index
@@ -31,7 +32,7 @@ TS_HOST_DEVICE TS_INLINE int64_t diag_block(int64_t r, int64_t Nq, int64_t Nk, i
   return last < 0 ? -1 : last / bs;
 }
 
-TS_HOST_DEVICE TS_INLINE float sel_value(float x) { return (x != x || x == 0.f) ? 0.f : x; }
+TS_HOST_DEVICE TS_INLINE float sel_value(float x) { return x > 0.f ? x : 0.f; }
 
 TS_HOST_DEVICE TS_INLINE uint32_t sel_order_bits(float x) {
   union {

@@ -558,8 +558,7 @@ def _select_top(x: torch.Tensor, valid: torch.Tensor, n_fixed, by_mass: bool, ga
     ties to the lower index). by_mass: n = clamp(n(x, gamma), lo, hi) where n(x, gamma) = the
     fewest sorted entries whose float64 prefix sum reaches gamma * (their total, the last prefix
     sum); else n = n_fixed. Always n <= number of valid entries."""
-    x = torch.nan_to_num(x, nan=0.0)
-    x = torch.where(x == 0, torch.zeros_like(x), x)  # -0 -> +0
+    x = torch.where(x > 0, x, torch.zeros_like(x))  # NaN, -0 and negatives count as +0
     ranked = torch.where(valid, x, torch.full_like(x, float("-inf")))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     nvalid = valid.sum(-1)

@@ -1,5 +1,7 @@
 // CUDA binding of block_sparse_attention (schema in csrc/ops.cpp): argument checks, device
-// guard, current stream, dtype dispatch to include/tasksieve/block_sparse_attention.cuh.
+// guard, allocation, current stream, then BlockSparseAttention(Varlen)Launch in
+// include/tasksieve/block_sparse_attention.cuh (dtype dispatch there, shared with the simulator
+// runner csrc/sim/sim_flexprefill.cu).
 //
 //   q [B, Nq, H, D], k/v [B, Nk, Hk, D] (fp16/bf16, D 64 or 128), block_idx int32
 //   [B, H, nbq, max_k], block_cnt int32 [B, H, nbq] -> out [B, Nq, H, D], lse fp32 [B, H, Nq]
@@ -39,34 +41,8 @@ namespace {
 #define TS_CHECK(cond, ...) \
   TORCH_CHECK(cond, "tasksieve.block_sparse_attention: ", __VA_ARGS__)
 
-template <typename T>
-cudaError_t launch_bsa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& idx, const at::Tensor& cnt, at::Tensor& out,
-                       at::Tensor& lse, int64_t block_size, float scale, bool causal,
-                       cudaStream_t stream) {
-  return BlockSparseAttention<T>(
-      static_cast<const T*>(q.const_data_ptr()), static_cast<const T*>(k.const_data_ptr()),
-      static_cast<const T*>(v.const_data_ptr()), idx.const_data_ptr<int32_t>(),
-      cnt.const_data_ptr<int32_t>(), static_cast<T*>(out.data_ptr()), lse.data_ptr<float>(),
-      q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), idx.size(3), block_size,
-      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-      v.stride(1), v.stride(2), scale, causal, stream);
-}
-
-template <typename T>
-cudaError_t launch_bsa_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& idx, const at::Tensor& cnt,
-                              const at::Tensor& cu_q, const at::Tensor& cu_k, at::Tensor& out,
-                              at::Tensor& lse, int64_t block_size, float scale, bool causal,
-                              cudaStream_t stream) {
-  return BlockSparseAttentionVarlen<T>(
-      static_cast<const T*>(q.const_data_ptr()), static_cast<const T*>(k.const_data_ptr()),
-      static_cast<const T*>(v.const_data_ptr()), idx.const_data_ptr<int32_t>(),
-      cnt.const_data_ptr<int32_t>(), cu_q.const_data_ptr<int32_t>(),
-      cu_k.const_data_ptr<int32_t>(), static_cast<T*>(out.data_ptr()), lse.data_ptr<float>(),
-      idx.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), idx.size(3),
-      idx.size(2), block_size, q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1),
-      v.stride(2), scale, causal, stream);
+DType to_dtype(at::ScalarType t) {  // the checks accepted fp16 or bf16 only
+  return t == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
 }
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
@@ -101,15 +77,13 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     const at::Tensor cnt = block_cnt.contiguous();
     const at::Tensor cu_q = cu_seqlens_q->contiguous();
     const at::Tensor cu_k = cu_seqlens_k->contiguous();
-    cudaError_t err;
-    if (dt == at::kHalf) {
-      err = launch_bsa_varlen<__half>(q, k, v, idx, cnt, cu_q, cu_k, out, lse, block_size,
-                                      float(scale), causal, stream);
-    } else {
-      err = launch_bsa_varlen<__nv_bfloat16>(q, k, v, idx, cnt, cu_q, cu_k, out, lse,
-                                             block_size, float(scale), causal, stream);
-    }
-    C10_CUDA_CHECK(err);
+    C10_CUDA_CHECK(BlockSparseAttentionVarlenLaunch(
+        to_dtype(dt), q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
+        idx.const_data_ptr<int32_t>(), cnt.const_data_ptr<int32_t>(),
+        cu_q.const_data_ptr<int32_t>(), cu_k.const_data_ptr<int32_t>(), out.data_ptr(),
+        lse.data_ptr<float>(), idx.size(0), q.size(1), k.size(1), q.size(2), k.size(2),
+        q.size(3), idx.size(3), idx.size(2), block_size, q.stride(1), q.stride(2), k.stride(1),
+        k.stride(2), v.stride(1), v.stride(2), float(scale), causal, stream));
     return {out, lse};
   }
   at::Tensor out = at::empty({B, Nq, H, D}, q.options());
@@ -117,15 +91,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   if (B == 0 || Nq == 0 || H == 0) return {out, lse};
   const at::Tensor idx = block_idx.contiguous();
   const at::Tensor cnt = block_cnt.contiguous();
-  cudaError_t err;
-  if (dt == at::kHalf) {
-    err = launch_bsa<__half>(q, k, v, idx, cnt, out, lse, block_size, float(scale), causal,
-                             stream);
-  } else {
-    err = launch_bsa<__nv_bfloat16>(q, k, v, idx, cnt, out, lse, block_size, float(scale),
-                                    causal, stream);
-  }
-  C10_CUDA_CHECK(err);
+  C10_CUDA_CHECK(BlockSparseAttentionLaunch(
+      to_dtype(dt), q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
+      idx.const_data_ptr<int32_t>(), cnt.const_data_ptr<int32_t>(), out.data_ptr(),
+      lse.data_ptr<float>(), q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
+      idx.size(3), block_size, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+      k.stride(2), v.stride(0), v.stride(1), v.stride(2), float(scale), causal, stream));
   return {out, lse};
 }
 

@@ -1,6 +1,7 @@
 // CUDA bindings of the FlexPrefill estimation ops (schemas in csrc/ops.cpp): argument checks,
-// device guard, current stream, dtype dispatch to the torch-free kernels in include/tasksieve/,
-// error check. Nothing here syncs with the host.
+// device guard, allocation, current stream, then the torch-free launchers in include/tasksieve/
+// (JsDivergenceLaunch, FlexEstimateLaunch: the dtype dispatch lives there, shared with the
+// simulator runner csrc/sim/sim_flexprefill.cu). Nothing here syncs with the host.
 //
 //   js_divergence  p, q [..., n] (fp32/fp64/fp16/bf16) -> fp32 [...]        (js_divergence.cuh)
 //   flex_estimate  q [B, Nq, H, D], k [B, Nk, Hk, D] (fp32/fp16/bf16), block_size in
@@ -28,6 +29,19 @@
 namespace tasksieve {
 namespace {
 
+// The launchers' element-type tag of a tensor the checks accepted (fp32, fp16 or bf16).
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(t == at::kFloat, "tasksieve: unexpected dtype ", t);
+      return DType::kFloat32;
+  }
+}
+
 at::Tensor js_divergence_cuda(const at::Tensor& p, const at::Tensor& q, double eps) {
   TORCH_CHECK(p.is_cuda(), "tasksieve.js_divergence: p must be a CUDA tensor here, got ",
               p.device());
@@ -45,38 +59,10 @@ at::Tensor js_divergence_cuda(const at::Tensor& p, const at::Tensor& q, double e
   if (dt == at::kDouble) pc = p.to(at::kFloat), qc = q.to(at::kFloat);
   pc = pc.contiguous();
   qc = qc.contiguous();
-  float* o = out.data_ptr<float>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t err;
-  switch (pc.scalar_type()) {
-    case at::kFloat:
-      err = JsDivergence<float>(pc.const_data_ptr<float>(), qc.const_data_ptr<float>(), o, rows,
-                                n, feps, stream);
-      break;
-    case at::kHalf:
-      err = JsDivergence<__half>(static_cast<const __half*>(pc.const_data_ptr()),
-                                 static_cast<const __half*>(qc.const_data_ptr()), o, rows, n,
-                                 feps, stream);
-      break;
-    default:
-      err = JsDivergence<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(pc.const_data_ptr()),
-                                        static_cast<const __nv_bfloat16*>(qc.const_data_ptr()),
-                                        o, rows, n, feps, stream);
-      break;
-  }
-  C10_CUDA_CHECK(err);
+  C10_CUDA_CHECK(JsDivergenceLaunch(to_dtype(pc.scalar_type()), pc.const_data_ptr(),
+                                    qc.const_data_ptr(), out.data_ptr<float>(), rows, n, feps,
+                                    c10::cuda::getCurrentCUDAStream()));
   return out;
-}
-
-template <typename T>
-cudaError_t launch_flex_estimate(const at::Tensor& q, const at::Tensor& k, float* v, float* s,
-                                 float* e, void* ws, size_t ws_bytes, int64_t bs, float scale,
-                                 cudaStream_t stream) {
-  return FlexEstimate<T>(static_cast<const T*>(q.const_data_ptr()),
-                         static_cast<const T*>(k.const_data_ptr()), v, s, e, ws, ws_bytes,
-                         q.size(0), q.size(1), q.size(2), k.size(2), k.size(1), q.size(3), bs,
-                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                         k.stride(2), scale, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flex_estimate_cuda(const at::Tensor& q,
@@ -106,25 +92,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flex_estimate_cuda(const at::Tens
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
   const float sc =
       static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D)));
-  float* v = vert.data_ptr<float>();
-  float* s = slash.data_ptr<float>();
-  float* e = est.data_ptr<float>();
-  void* w = ws_bytes ? ws.data_ptr() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t err;
-  switch (dt) {
-    case at::kFloat:
-      err = launch_flex_estimate<float>(q, k, v, s, e, w, ws_bytes, block_size, sc, stream);
-      break;
-    case at::kHalf:
-      err = launch_flex_estimate<__half>(q, k, v, s, e, w, ws_bytes, block_size, sc, stream);
-      break;
-    default:
-      err = launch_flex_estimate<__nv_bfloat16>(q, k, v, s, e, w, ws_bytes, block_size, sc,
-                                                stream);
-      break;
-  }
-  C10_CUDA_CHECK(err);
+  C10_CUDA_CHECK(FlexEstimateLaunch(
+      to_dtype(dt), q.const_data_ptr(), k.const_data_ptr(), vert.data_ptr<float>(),
+      slash.data_ptr<float>(), est.data_ptr<float>(), ws_bytes ? ws.data_ptr() : nullptr,
+      ws_bytes, B, Nq, H, Hk, Nk, D, block_size, q.stride(0), q.stride(1), q.stride(2),
+      k.stride(0), k.stride(1), k.stride(2), sc, c10::cuda::getCurrentCUDAStream()));
   return {vert, slash, est};
 }
 

@@ -50,6 +50,7 @@
 #include "tasksieve/block_index.h"
 #include "tasksieve/common.h"
 #include "tasksieve/cuda_convert.cuh"
+#include "tasksieve/dtype.cuh"
 
 namespace tasksieve {
 
@@ -357,6 +358,43 @@ cudaError_t BlockSparseAttentionVarlen(const T* q, const T* k, const T* v,
   return bsa_detail::Launch<T>(q, k, v, block_idx, block_cnt, cu_seqlens_q, cu_seqlens_k, out,
                                lse, S, total_q, total_k, H, Hk, D, max_k, nbq_max, block_size,
                                0, qsn, qsh, 0, ksn, ksh, 0, vsn, vsh, scale, causal, stream);
+}
+
+// The entry points of the CUDA glue and the simulator runner: the kernels above for the element
+// type `dt` of q, k, v and out (fp16 or bf16; fp32 gives cudaErrorInvalidValue). Dense: out and
+// lse need no initial content (every row is written). Varlen: the caller pre-fills out with 0
+// and lse with -inf (rows that malformed offsets leave uncovered keep those values).
+inline cudaError_t BlockSparseAttentionLaunch(
+    DType dt, const void* q, const void* k, const void* v, const int32_t* block_idx,
+    const int32_t* block_cnt, void* out, float* lse, int64_t B, int64_t Nq, int64_t Nk,
+    int64_t H, int64_t Hk, int64_t D, int64_t max_k, int64_t block_size, int64_t qsb,
+    int64_t qsn, int64_t qsh, int64_t ksb, int64_t ksn, int64_t ksh, int64_t vsb, int64_t vsn,
+    int64_t vsh, float scale, bool causal, cudaStream_t stream) {
+  return DispatchHalf(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return BlockSparseAttention<T>(static_cast<const T*>(q), static_cast<const T*>(k),
+                                   static_cast<const T*>(v), block_idx, block_cnt,
+                                   static_cast<T*>(out), lse, B, Nq, Nk, H, Hk, D, max_k,
+                                   block_size, qsb, qsn, qsh, ksb, ksn, ksh, vsb, vsn, vsh, scale,
+                                   causal, stream);
+  });
+}
+
+inline cudaError_t BlockSparseAttentionVarlenLaunch(
+    DType dt, const void* q, const void* k, const void* v, const int32_t* block_idx,
+    const int32_t* block_cnt, const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,
+    void* out, float* lse, int64_t S, int64_t total_q, int64_t total_k, int64_t H, int64_t Hk,
+    int64_t D, int64_t max_k, int64_t nbq_max, int64_t block_size, int64_t qsn, int64_t qsh,
+    int64_t ksn, int64_t ksh, int64_t vsn, int64_t vsh, float scale, bool causal,
+    cudaStream_t stream) {
+  return DispatchHalf(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return BlockSparseAttentionVarlen<T>(
+        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), block_idx,
+        block_cnt, cu_seqlens_q, cu_seqlens_k, static_cast<T*>(out), lse, S, total_q, total_k,
+        H, Hk, D, max_k, nbq_max, block_size, qsn, qsh, ksn, ksh, vsn, vsh, scale, causal,
+        stream);
+  });
 }
 
 #ifdef TASKSIEVE_COMPILE_CHECK

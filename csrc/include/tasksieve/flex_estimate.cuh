@@ -33,6 +33,7 @@
 #include <cstdint>
 
 #include "tasksieve/common.h"
+#include "tasksieve/dtype.cuh"
 #include "tasksieve/flex_index.h"
 #include "tasksieve/qk_tiles.cuh"
 
@@ -421,6 +422,25 @@ cudaError_t FlexEstimate(const T* q, const T* k, float* vertical, float* slash, 
   d::FlexEstimateKernel<T><<<static_cast<unsigned>(BH), d::kThreads, 0, stream>>>(
       q_rep, kbar, estimate, p.m, H, Hk, Di, p.nb, q_stride_b, q_stride_n, q_stride_h, scale);
   return cudaGetLastError();
+}
+
+// The entry point of the CUDA glue and the simulator runner: FlexEstimate<T> for the element
+// type `dt` of q and k. The caller allocates the workspace (FlexEstimateWorkspaceBytes; its
+// content on entry does not matter) and picks the scale (the op's default is 1/sqrt(D)).
+inline cudaError_t FlexEstimateLaunch(DType dt, const void* q, const void* k, float* vertical,
+                                      float* slash, float* estimate, void* workspace,
+                                      size_t workspace_bytes, int64_t B, int64_t Nq, int64_t H,
+                                      int64_t Hk, int64_t Nk, int64_t D, int64_t block_size,
+                                      int64_t q_stride_b, int64_t q_stride_n, int64_t q_stride_h,
+                                      int64_t k_stride_b, int64_t k_stride_n, int64_t k_stride_h,
+                                      float scale, cudaStream_t stream) {
+  return DispatchFloat(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return FlexEstimate<T>(static_cast<const T*>(q), static_cast<const T*>(k), vertical, slash,
+                           estimate, workspace, workspace_bytes, B, Nq, H, Hk, Nk, D, block_size,
+                           q_stride_b, q_stride_n, q_stride_h, k_stride_b, k_stride_n,
+                           k_stride_h, scale, stream);
+  });
 }
 
 #ifdef TASKSIEVE_COMPILE_CHECK

@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "tasksieve/common.h"
+#include "tasksieve/dtype.cuh"
 #include "tasksieve/flex_index.h"
 
 namespace tasksieve {
@@ -83,6 +84,17 @@ cudaError_t JsDivergence(const T* p, const T* q, float* out, int64_t rows, int64
   d::JsDivergenceKernel<T>
       <<<static_cast<unsigned>(blocks), d::kThreads, 0, stream>>>(p, q, out, rows, n, eps);
   return cudaGetLastError();
+}
+
+// The entry point of the CUDA glue and the simulator runner: p, q of element type `dt` (fp64
+// inputs are cast to fp32 by the caller), contiguous [rows, n]; out fp32 [rows].
+inline cudaError_t JsDivergenceLaunch(DType dt, const void* p, const void* q, float* out,
+                                      int64_t rows, int64_t n, float eps, cudaStream_t stream) {
+  return DispatchFloat(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return JsDivergence<T>(static_cast<const T*>(p), static_cast<const T*>(q), out, rows, n, eps,
+                           stream);
+  });
 }
 
 #ifdef TASKSIEVE_COMPILE_CHECK

@@ -138,6 +138,7 @@ EST_CASES = [
     (1, 33, 33, 2, 1, 256, 16, [F16]),          # the largest D
     (2, 0, 20, 2, 1, 64, 16, DTYPES),           # no queries: zeros
     (1, 40, 600, 1, 1, 1, 16, [F32]),           # D 1; two pass-2 CTAs (600 > 512 keys)
+    (1, 0, 0, 2, 1, 64, 32, [F32]),             # no keys: empty outputs, nothing launched
 ]
 
 
@@ -463,6 +464,7 @@ BSA_CASES = [
     (1, 1, 1, 1, 1, 64, 16, True, False, [F16, BF16]),  # one token
     (1, 1, 90, 2, 2, 128, 32, False, False, [BF16]),    # one query, non-causal, D 128
     (1, 48, 48, 2, 2, 128, 16, True, True, [BF16]),     # D 128 in bf16, masked rows
+    (1, 0, 20, 2, 1, 64, 16, True, False, [F16]),       # no queries: empty outputs
 ]
 
 
@@ -575,6 +577,11 @@ def _bsa_varlen_cases():
         out.append((f"bsavar ok {name}", "block_sparse_attention", (q, k, v, idx, cnt),
                     dict(block_size=bs, scale=None, causal=causal, cu_seqlens_q=cu_q,
                          cu_seqlens_k=cu_k)))
+    # no sequences at all (cu_seqlens = [0]): empty outputs, nothing launched
+    q, k, v, idx, cnt, cu_q, cu_k = _varlen_inputs([], [], 2, 2, 64, 16, BF16, 305)
+    out.append(("bsavar ok no sequences", "block_sparse_attention", (q, k, v, idx, cnt),
+                dict(block_size=16, scale=None, causal=True, cu_seqlens_q=cu_q,
+                     cu_seqlens_k=cu_k)))
     # malformed offsets (the CUDA op cannot check them without a host sync; the CPU op raises)
     q, k, v, idx, cnt, cu_q, cu_k = _varlen_inputs([5, 20, 0], [40, 20, 3], 2, 1, 64, 16, F16,
                                                    310)

@@ -61,10 +61,13 @@ void tcess_update_cuda(const at::Tensor& router_logits, int64_t top_k, double r,
   at::Tensor acc_c = acc.is_contiguous() ? acc : acc.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t s0 = router_logits.stride(0), s1 = router_logits.stride(1);
+  const size_t ws_bytes = TcessUpdateWorkspaceBytes(Tn, E);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)},
+                            router_logits.options().dtype(at::kByte));
   C10_CUDA_CHECK(TcessUpdateLaunch(to_dtype(router_logits.scalar_type()),
                                    router_logits.const_data_ptr(), Tn, E, s0, s1, top_k,
                                    static_cast<float>(r), acc_c.data_ptr<double>(),
-                                   count.data_ptr<int64_t>(), stream));
+                                   count.data_ptr<int64_t>(), ws.data_ptr(), ws_bytes, stream));
   if (!acc.is_same(acc_c)) acc.copy_(acc_c);
 }
 

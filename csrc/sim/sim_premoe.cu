@@ -25,9 +25,11 @@ void tcess_update(Case& c) {
   Tensor& count = c.inout("count");
   const int64_t Tn = c.i("Tn");
   if (Tn == 0) return;  // the glue returns before the launch
+  const size_t ws_bytes = TcessUpdateWorkspaceBytes(Tn, c.i("E"));
+  void* ws = c.scratch(ws_bytes, Init::kGarbage);  // the glue's at::empty
   check(TcessUpdateLaunch(float_dtype(logits.dtype), logits.dev, Tn, c.i("E"), c.i("s0"),
                           c.i("s1"), c.i("top_k"), static_cast<float>(c.f("r")),
-                          acc.ptr<double>(), count.ptr<int64_t>(), 0),
+                          acc.ptr<double>(), count.ptr<int64_t>(), ws, ws_bytes, 0),
         "TcessUpdateLaunch");
 }
 

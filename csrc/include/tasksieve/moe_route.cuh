@@ -1,7 +1,8 @@
 // PreMoe routing kernels (torch-free): router top-k, TCESS accumulation, expert alignment.
 //
 //   RouteTopk<T>(logits, ..., topk_weights, topk_ids, stream)       -> cudaError_t
-//   TcessUpdate<T>(logits, ..., acc, count, stream)                  -> cudaError_t
+//   TcessUpdate<T>(logits, ..., acc, count, workspace, stream)       -> cudaError_t
+//   TcessUpdateWorkspaceBytes(Tn, E)                                 -> size_t
 //   MoeAlign<Id>(topk_ids, ..., sorted_ids, tile_expert, num_padded, workspace, stream)
 //   MoeAlignWorkspaceBytes(num_slots, num_experts)                   -> size_t
 //   TcessUpdateLaunch / RouteTopkLaunch(DType, ...), MoeAlignLaunch(ids64, ...): the same with
@@ -15,8 +16,10 @@
 // selectable) to its shared-memory slice, and picks the top k by k rounds of a warp max: every
 // lane keeps the best of its own keys, the shuffle-max is the winner, and only the owning lane
 // drops it and rescans. Keys are distinct, so the order is exact and device independent.
-// TcessUpdate sums into a block-shared fp64 copy of acc and adds it to acc with one fp64
-// atomicAdd per expert and block (the last bits of acc depend on the order blocks finish).
+// TcessUpdate sums into per-warp fp64 copies of acc in shared memory (no atomics: a token's k
+// experts are distinct, one lane each), writes per-block sums to a workspace, and a second
+// launch adds them to acc in block order: bitwise deterministic, and no fp64 atomics (which
+// the functional simulator also lacks).
 //
 // Alignment (MoeAlign), a stable counting sort in three launches, no host sync:
 //   1. count:   the S = T*k slots are cut into segments of contiguous slots, one warp each;
@@ -110,8 +113,11 @@ __device__ __forceinline__ void WarpTopK(uint64_t* keys, int E, int k, int* sel,
 }
 
 // Warps per block for routing: as many as shared memory allows, at most 8.
-inline int RouteWarps(int64_t E, size_t extra_bytes) {
-  const int64_t per_warp = E * static_cast<int64_t>(sizeof(uint64_t) + sizeof(int));
+// Warps per block that fit kSmemBudget: each warp holds E keys + E selections, plus
+// `per_expert_extra` more bytes per expert (TcessUpdate's per-warp sums).
+inline int RouteWarps(int64_t E, size_t extra_bytes, size_t per_expert_extra = 0) {
+  const int64_t per_warp =
+      E * static_cast<int64_t>(sizeof(uint64_t) + sizeof(int) + per_expert_extra);
   int64_t w = (kSmemBudget - static_cast<int64_t>(extra_bytes)) / per_warp;
   return static_cast<int>(w < 1 ? 1 : (w > 8 ? 8 : w));
 }
@@ -200,17 +206,19 @@ __global__ void RouteTopkKernel(const T* __restrict__ logits, int64_t Tn, int E,
 
 template <typename T>
 __global__ void TcessUpdateKernel(const T* __restrict__ logits, int64_t Tn, int E, int64_t s0,
-                                  int64_t s1, int k, float r, double* __restrict__ acc,
+                                  int64_t s1, int k, float r, double* __restrict__ partial,
                                   unsigned long long* __restrict__ count) {
   extern __shared__ uint64_t tcess_smem[];
   const int wpb = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  double* block_acc = reinterpret_cast<double*>(tcess_smem);
-  uint64_t* keys = tcess_smem + E + static_cast<int64_t>(warp) * E;
-  int* sel = reinterpret_cast<int*>(tcess_smem + E + static_cast<int64_t>(wpb) * E) +
+  // Per warp: its own fp64 sums [E], keys [E], selection [E]. The k experts a token selects are
+  // distinct and each lane adds one of them, so a warp's sums need no atomics.
+  double* warp_acc = reinterpret_cast<double*>(tcess_smem) + static_cast<int64_t>(warp) * E;
+  uint64_t* keys = tcess_smem + static_cast<int64_t>(wpb) * E + static_cast<int64_t>(warp) * E;
+  int* sel = reinterpret_cast<int*>(tcess_smem + 2 * static_cast<int64_t>(wpb) * E) +
              static_cast<int64_t>(warp) * E;
-  for (int e = threadIdx.x; e < E; e += blockDim.x) block_acc[e] = 0.0;
+  for (int e = lane; e < E; e += 32) warp_acc[e] = 0.0;
   if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(count, static_cast<unsigned long long>(Tn));
-  __syncthreads();
+  __syncwarp();
   const float ninf = ts_neg_inf();
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * wpb + warp; t < Tn;
        t += static_cast<int64_t>(gridDim.x) * wpb) {
@@ -225,13 +233,31 @@ __global__ void TcessUpdateKernel(const T* __restrict__ logits, int64_t Tn, int 
     const float sum = WarpSum(se);
     for (int j = lane; j < k; j += 32) {
       const float z = Load(row + sel[j] * s1);
-      if (expf(z - zmax) / sum >= r) atomicAdd(&block_acc[sel[j]], static_cast<double>(z));
+      if (expf(z - zmax) / sum >= r) warp_acc[sel[j]] += static_cast<double>(z);
     }
     __syncwarp();
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < E; e += blockDim.x)
-    if (block_acc[e] != 0.0) atomicAdd(&acc[e], block_acc[e]);
+  // The block's sums, warps added in a fixed order: partial[block][e].
+  const double* all = reinterpret_cast<const double*>(tcess_smem);
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    double s = 0.0;
+    for (int w = 0; w < wpb; ++w) s += all[static_cast<int64_t>(w) * E + e];
+    partial[static_cast<int64_t>(blockIdx.x) * E + e] = s;
+  }
+}
+
+// acc[e] += sum over blocks of partial[b][e], blocks in order: the result does not depend on
+// the order in which blocks ran (no fp64 atomics), so repeated profiles give identical bits.
+// A template (on its block size) so that several .cu files can include this header.
+template <int kThreads>
+__global__ void TcessReduceKernel(const double* __restrict__ partial, int64_t blocks, int E,
+                                  double* __restrict__ acc) {
+  for (int e = threadIdx.x; e < E; e += kThreads) {
+    double s = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) s += partial[b * E + e];
+    acc[e] += s;
+  }
 }
 
 // ---- moe_align --------------------------------------------------------------------------------
@@ -413,24 +439,43 @@ cudaError_t RouteTopk(const T* logits, int64_t Tn, int64_t E, int64_t s0, int64_
   return cudaGetLastError();
 }
 
+// Grid of TcessUpdate: warps per block, and blocks (at most 256, so the partial sums stay small).
+inline int TcessWarps(int64_t E) {
+  return moe_route_detail::RouteWarps(E, 0, sizeof(double));
+}
+inline int64_t TcessBlocks(int64_t Tn, int64_t E) {
+  return ts_min<int64_t>(ceil_div<int64_t>(ts_max<int64_t>(Tn, 1), TcessWarps(E)), 256);
+}
+// Scratch of TcessUpdate: fp64 [blocks, E] partial sums, no initialisation needed.
+inline size_t TcessUpdateWorkspaceBytes(int64_t Tn, int64_t E) {
+  return static_cast<size_t>(TcessBlocks(Tn, E) * E) * sizeof(double);
+}
+
 // tcess_update: acc fp64 [E] contiguous += the token contributions; *count += Tn.
-// 1 <= top_k <= E <= 1024.
+// 1 <= top_k <= E <= 1024. workspace: TcessUpdateWorkspaceBytes(Tn, E) bytes. Two launches:
+// per block fp64 sums (warps in a fixed order), then one block adds the blocks in order; the
+// sums are therefore deterministic (no floating-point atomics).
 template <typename T>
 cudaError_t TcessUpdate(const T* logits, int64_t Tn, int64_t E, int64_t s0, int64_t s1,
-                        int64_t top_k, float r, double* acc, int64_t* count,
-                        cudaStream_t stream) {
+                        int64_t top_k, float r, double* acc, int64_t* count, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream) {
   namespace d = moe_route_detail;
   if (Tn < 0 || E < 1 || E > d::kMaxExperts || top_k < 1 || top_k > E)
     return cudaErrorInvalidValue;
   if (Tn == 0) return cudaSuccess;
-  const size_t acc_bytes = static_cast<size_t>(E) * sizeof(double);
-  const int wpb = d::RouteWarps(E, acc_bytes);
-  const size_t smem = acc_bytes + static_cast<size_t>(wpb) * E * (sizeof(uint64_t) + sizeof(int));
-  // Few blocks: each one ends with E fp64 atomics.
-  const int64_t blocks = ts_min<int64_t>(ceil_div<int64_t>(Tn, wpb), 256);
+  if (workspace == nullptr || workspace_bytes < TcessUpdateWorkspaceBytes(Tn, E))
+    return cudaErrorInvalidValue;
+  const int wpb = TcessWarps(E);
+  const size_t smem =
+      static_cast<size_t>(wpb) * E * (sizeof(double) + sizeof(uint64_t) + sizeof(int));
+  const int64_t blocks = TcessBlocks(Tn, E);
+  double* partial = static_cast<double*>(workspace);
   d::TcessUpdateKernel<T><<<static_cast<unsigned>(blocks), wpb * 32, smem, stream>>>(
-      logits, Tn, static_cast<int>(E), s0, s1, static_cast<int>(top_k), r, acc,
+      logits, Tn, static_cast<int>(E), s0, s1, static_cast<int>(top_k), r, partial,
       reinterpret_cast<unsigned long long*>(count));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  d::TcessReduceKernel<256><<<1, 256, 0, stream>>>(partial, blocks, static_cast<int>(E), acc);
   return cudaGetLastError();
 }
 
@@ -488,11 +533,12 @@ cudaError_t MoeAlign(const Id* topk_ids, int64_t num_slots, int64_t num_experts,
 // TcessUpdate for logits of dtype `dt` (fp32, fp16 or bf16).
 inline cudaError_t TcessUpdateLaunch(DType dt, const void* logits, int64_t Tn, int64_t E,
                                      int64_t s0, int64_t s1, int64_t top_k, float r, double* acc,
-                                     int64_t* count, cudaStream_t stream) {
+                                     int64_t* count, void* workspace, size_t workspace_bytes,
+                                     cudaStream_t stream) {
   return DispatchFloat(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return TcessUpdate<T>(static_cast<const T*>(logits), Tn, E, s0, s1, top_k, r, acc, count,
-                          stream);
+                          workspace, workspace_bytes, stream);
   });
 }
 
@@ -529,7 +575,7 @@ inline cudaError_t MoeAlignLaunch(bool ids64, const void* topk_ids, int64_t num_
                                     moe::Scoring, bool, const bool*, const float*, float, bool, \
                                     float*, int32_t*, cudaStream_t);                            \
   template cudaError_t TcessUpdate<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t,   \
-                                      float, double*, int64_t*, cudaStream_t);
+                                      float, double*, int64_t*, void*, size_t, cudaStream_t);
 TASKSIEVE_INSTANTIATE_MOE_ROUTE(float)
 TASKSIEVE_INSTANTIATE_MOE_ROUTE(__half)
 TASKSIEVE_INSTANTIATE_MOE_ROUTE(__nv_bfloat16)

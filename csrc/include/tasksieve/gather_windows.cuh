@@ -122,7 +122,10 @@ __device__ __forceinline__ void CopyRows(const char* __restrict__ src, int64_t s
 }
 
 // Out of place, one block per (tensor t, b, h, tile of rows_per_block output rows).
-__global__ void __launch_bounds__(kThreads)
+// A template (on its block size, always kThreads) so that several .cu files can include
+// this header without defining the kernel twice.
+template <int Threads>
+__global__ void __launch_bounds__(Threads)
     GatherWindowsKernel(const __grid_constant__ DescBatch batch, const int32_t* __restrict__ idx,
                         int64_t B, int64_t Hk, int64_t N, int64_t keep, int64_t window,
                         int64_t tail, int64_t rows_per_block, int64_t row_tiles) {
@@ -200,7 +203,10 @@ __device__ __forceinline__ void CompactSlice(char* base, int64_t stride_n, int64
 }
 
 // In place, one block per (tensor t, b, h).
-__global__ void __launch_bounds__(kThreads)
+// A template (on its block size, always kThreads) so that several .cu files can include
+// this header without defining the kernel twice.
+template <int Threads>
+__global__ void __launch_bounds__(Threads)
     GatherWindowsInplaceKernel(const __grid_constant__ DescBatch batch,
                                const int32_t* __restrict__ idx, int64_t B, int64_t Hk, int64_t N,
                                int64_t keep, int64_t window, int64_t tail) {
@@ -259,7 +265,7 @@ inline cudaError_t GatherWindows(const GatherDesc* descs, int64_t num, const int
     const int64_t row_tiles = ceil_div(L, rows_per_block);
     const int64_t blocks = batch.count * B * Hk * row_tiles;
     if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-    d::GatherWindowsKernel<<<static_cast<unsigned>(blocks), d::kThreads, 0, stream>>>(
+    d::GatherWindowsKernel<d::kThreads><<<static_cast<unsigned>(blocks), d::kThreads, 0, stream>>>(
         batch, idx, B, Hk, N, keep, window, tail, rows_per_block, row_tiles);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -286,7 +292,7 @@ inline cudaError_t GatherWindowsInplace(const GatherDesc* descs, int64_t num, co
     }
     const int64_t blocks = batch.count * B * Hk;
     if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-    d::GatherWindowsInplaceKernel<<<static_cast<unsigned>(blocks), d::kThreads, 0, stream>>>(
+    d::GatherWindowsInplaceKernel<d::kThreads><<<static_cast<unsigned>(blocks), d::kThreads, 0, stream>>>(
         batch, idx, B, Hk, N, keep, window, tail);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;

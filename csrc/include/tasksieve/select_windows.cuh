@@ -37,7 +37,10 @@ __device__ __forceinline__ uint64_t Key(const float* __restrict__ src, int64_t m
 
 // One block per row; see the header comment. scores [B, Hk, nw] fp32 contiguous; out [B, Hk, kk]
 // int32 contiguous; 1 <= kk <= nw.
-__global__ void __launch_bounds__(kThreads)
+// A template (on its block size, always kThreads) so that several .cu files can include
+// this header without defining the kernel twice.
+template <int Threads>
+__global__ void __launch_bounds__(Threads)
     SelectWindowsKernel(const float* __restrict__ scores, int32_t* __restrict__ out, int64_t Hk,
                         int64_t nw, int64_t kk, bool share) {
   __shared__ unsigned int hist[256];
@@ -119,7 +122,7 @@ inline cudaError_t SelectWindows(const float* scores, int32_t* out, int64_t B, i
   if (B == 0 || Hk == 0 || kk == 0) return cudaSuccess;
   const int64_t rows = share ? B : B * Hk;
   if (rows > INT_MAX) return cudaErrorInvalidConfiguration;
-  d::SelectWindowsKernel<<<static_cast<unsigned>(rows), d::kThreads, 0, stream>>>(
+  d::SelectWindowsKernel<d::kThreads><<<static_cast<unsigned>(rows), d::kThreads, 0, stream>>>(
       scores, out, Hk, nw, kk, share);
   return cudaGetLastError();
 }

@@ -40,10 +40,22 @@ inline size_t dtype_bytes(const std::string& dt) {
   throw std::runtime_error("unknown dtype '" + dt + "'");
 }
 
+// The simulator's runtime has no cudaGetErrorName/String (calling them aborts), so the codes
+// a launcher returns are named here.
+inline std::string error_name(cudaError_t err) {
+  switch (err) {
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    default: return "cudaError " + std::to_string(static_cast<int>(err));
+  }
+}
+
 inline void check(cudaError_t err, const std::string& what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(what + ": " + cudaGetErrorName(err) + " (" +
-                             cudaGetErrorString(err) + ")");
+  if (err != cudaSuccess) throw std::runtime_error(what + ": " + error_name(err));
 }
 
 struct Tensor {

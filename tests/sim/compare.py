@@ -49,14 +49,16 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_fa_close(op: str, case: str, out: torch.Tensor, ref: torch.Tensor,
                     torch_same_dtype: torch.Tensor, *, floor: float = 0.0,
-                    factor: float = 2.0) -> None:
-    """flash-attention bound: err(out, ref) <= factor * err(torch_same_dtype, ref) + floor."""
+                    factor: float = 2.0, dtype=None) -> None:
+    """flash-attention bound: err(out, ref) <= factor * err(torch_same_dtype, ref) + floor.
+
+    ``dtype``: the op's input dtype for the table (default: the output's)."""
     err = max_abs_err(out, ref)
     base = max_abs_err(torch_same_dtype, ref)
     assert base < float("inf"), f"{op} [{case}]: the torch baseline is not finite; pick another"
     bound = factor * base + floor
     ok = err <= bound
-    record(op, out.dtype, case, err, bound, ok)
+    record(op, dtype or out.dtype, case, err, bound, ok)
     assert ok, (f"{op} [{case}]: max error {err:.3g} vs reference exceeds {factor} x torch's own "
                 f"{out.dtype} error {base:.3g} + {floor:.3g}")
 

@@ -16,6 +16,8 @@ import torch
 import tasksieve.ops as ops
 from tasksieve import reference as ref
 
+from test_select_blocks import _inputs as _select_inputs  # tests/ is on sys.path
+
 from .compare import assert_close_tol, assert_equal, assert_fa_close, record
 from .gpusim import run_many
 
@@ -114,7 +116,7 @@ def test_js_divergence(sim, dtype):
         # the kernel does fp32 math on the rounded inputs: torch's own fp32 computation on them
         # is the baseline (fp16/bf16 math would underflow at eps and is not what runs)
         same = _js_reference(p.float(), q.float(), eps)
-        assert_fa_close("js_divergence", case, out, ref64, same, floor=1e-6)
+        assert_fa_close("js_divergence", case, out, ref64, same, floor=1e-6, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def test_flex_estimate(sim, dtype):
             # ~Nk * 2^-24 apart (worst case; typically far less)
             assert_close_tol("flex_estimate", f"{name} {case} vs CPU op", o, c,
                              atol=max(k.shape[1], 32) * 6e-8, dtype=dtype)
-            assert_fa_close("flex_estimate", f"{name} {case}", o, r, s, floor=1e-6)
+            assert_fa_close("flex_estimate", f"{name} {case}", o, r, s, floor=1e-6, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,21 +183,12 @@ def test_flex_estimate(sim, dtype):
 
 
 def _sel_inputs(B, H, Nq, Nk, bs, seed, qa_frac=0.5):
-    """Continuous random scores (no ties), normalised like flex_estimate's outputs."""
-    g = _gen(seed)
-    nb, nbq = -(-Nk // bs), -(-Nq // bs)
-    v = torch.rand(B, H, nb, generator=g)
-    v = v / v.sum(-1, keepdim=True)
-    s = torch.rand(B, H, nb, generator=g)
-    s = s / s.sum(-1, keepdim=True)
-    m = torch.rand(B, H, nbq, nb, generator=g)
-    d = ref.select_diag_blocks(Nq, Nk, bs)
-    causal = torch.arange(nb)[None, :] <= d[:, None]
-    m = torch.softmax(m.masked_fill(~causal, float("-inf")), dim=-1)
-    qa = torch.rand(B, H, generator=g) < qa_frac
+    """The CPU tests' continuous random scores (no ties, normalised like flex_estimate's
+    outputs), with both head kinds in every case."""
+    v, s, m, qa = _select_inputs(B, H, Nq, Nk, bs, seed, qa_frac)
     qa.view(-1)[0] = False
     if qa.numel() > 1:
-        qa.view(-1)[-1] = True  # both head kinds in every case
+        qa.view(-1)[-1] = True
     return v, s, m, qa
 
 
@@ -434,7 +427,8 @@ def _check_bsa(case, out, lse, args, kwargs):
     assert_fa_close("block_sparse_attention", f"out {case}", out, r_out, s_out, floor=floor)
     # lse is fp32 from logits of the rounded inputs on both sides; torch's low-precision
     # computation rounds the logits to the dtype. floor: fp32 rounding of |lse| <= ~10
-    assert_fa_close("block_sparse_attention", f"lse {case}", lse, r_lse, s_lse, floor=1e-5)
+    assert_fa_close("block_sparse_attention", f"lse {case}", lse, r_lse, s_lse, floor=1e-5,
+                    dtype=q.dtype)
     # vs the CPU op on the same inputs: both accumulate in fp32; the kernel rounds P to the
     # dtype before P V (as flash-attention does) and both round the output once. So they
     # differ by <= u * max|v| (P's relative rounding, sum_j p_j = 1) + 2 u max|out| (two output
@@ -637,4 +631,4 @@ def test_block_sparse_attention_varlen_malformed_offsets(sim):
                         "rows written twice skipped)", out[:, one], o64[:, one], os_[:, one],
                         floor=floor)
         assert_fa_close("block_sparse_attention", f"varlen lse {key}", lse[..., one],
-                        l64[..., one], ls_[..., one], floor=1e-5)
+                        l64[..., one], ls_[..., one], floor=1e-5, dtype=q.dtype)

@@ -107,7 +107,7 @@ def test_window_scores():
         # fp32 ulp of a sum of A masses, for outputs the baseline happens to get exact
         same = ref.reference_window_scores(q, k, window, reduce, scale, ks,
                                            compute_dtype=torch.float32)
-        assert_fa_close("window_scores", label, out, ref64, same, floor=A * 3e-7)
+        assert_fa_close("window_scores", label, out, ref64, same, floor=A * 3e-7, dtype=q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

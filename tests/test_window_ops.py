@@ -634,6 +634,8 @@ def test_window_scores_rejects_zero_query_heads():
     assert "tasksieve.window_scores: q_obs heads H must be >= 1, got H=0" in r.stdout, r.stdout
     with pytest.raises(RuntimeError, match=r"tasksieve\.window_scores: q_obs heads H must be >= 1"):
         ops.window_scores(torch.randn(0, 2, 0, 8), torch.randn(0, 10, 2, 8), 2, "max")  # B = 0 too
+    with pytest.raises(RuntimeError, match=r"tasksieve\.window_scores: q_obs heads H must be >= 1"):
+        ref.reference_window_scores(torch.randn(1, 2, 0, 8), torch.randn(1, 10, 2, 8), 2, "max")
 
 
 def test_gather_windows_inplace_rejects_overlapping_entries():

@@ -74,6 +74,8 @@ def check_window_scores_args(q_obs, k, window, reduce, scale=None, kv_start=None
         _fail(op, f"q_obs head dim D must be in [1, {_MAX_HEAD_DIM}], got {D}")
     if Dk != D:
         _fail(op, f"k head dim must equal q_obs head dim ({D}), got {Dk}")
+    if H < 1:
+        _fail(op, f"q_obs heads H must be >= 1, got H={H}")
     if Hk < 1 or H % Hk != 0:
         _fail(op, f"k heads Hk must be >= 1 and divide the q_obs heads H={H}, got Hk={Hk}")
     if q_obs.stride(3) != 1 and D > 1:

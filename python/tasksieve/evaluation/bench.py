@@ -508,8 +508,7 @@ def write_plot(rows: Sequence[dict], path: Path, title: str) -> Optional[Path]:
     labels = [f"{r['case']} | {r.get('dtype', '')} {r.get('shape', '')}\nvs {r.get('baseline', '')}"
               for r in data]
     vals = [float(r["speedup"]) for r in data]
-    colors = ["#aaaaaa" if "fallback" in str(r.get("kernel", ""))
-              else "#e08a1e" if r.get("kind") == "ratio" else "#2b7bba" for r in data]
+    colors = ["#e08a1e" if r.get("kind") == "ratio" else "#2b7bba" for r in data]
     fig_h = 1.0 + 0.55 * len(data)
     fig, ax = plt.subplots(figsize=(10, fig_h))
     ypos = list(range(len(data)))[::-1]
@@ -521,7 +520,7 @@ def write_plot(rows: Sequence[dict], path: Path, title: str) -> Optional[Path]:
     for y, v in zip(ypos, vals):
         ax.text(v, y, f" {v:.2f}x", va="center", fontsize=7)
     ax.set_xlabel("baseline ms / tasksieve ms (median). blue: speedup on the same work; "
-                  "orange: ratio to different work; grey: reference fallback", fontsize=8)
+                  "orange: ratio to different work", fontsize=8)
     ax.set_title(title, fontsize=9)
     lo, hi = min(vals + [1.0]), max(vals + [1.0])
     ax.set_xlim(lo / 2.0, hi * 3.0)

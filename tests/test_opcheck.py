@@ -232,6 +232,20 @@ def test_every_op_has_samples():
     assert not missing, f"ops without opcheck samples in tests/test_opcheck.py: {missing}"
 
 
+def test_every_op_has_a_reference_and_a_fake():
+    """The op layer and the ground truth live in packages (ops/<family>.py, reference/<family>.py):
+    every registered op still has its reference and a registered fake."""
+    from torch._library.simple_registry import singleton
+
+    from tasksieve import reference
+
+    names = _loader.op_names()
+    no_ref = [n for n in names if not callable(getattr(reference, f"reference_{n}", None))]
+    no_fake = [n for n in names if singleton.find(f"tasksieve::{n}").fake_impl.kernel is None]
+    assert not no_ref, f"ops without tasksieve.reference.reference_<op>: {no_ref}"
+    assert not no_fake, f"ops without a register_fake in tasksieve.ops: {no_fake}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_opcheck(name, device):

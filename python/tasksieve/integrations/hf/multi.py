@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .cache import _new_cache_state
-from .patch import _check_press, is_patched, patch, unpatch
+from .patch import _check_press, _unpatch_attention, is_patched, patch
 from .state import CacheState, _ATTR, _ModelState
 
 
@@ -86,7 +86,7 @@ def prefill_multi(model, input_ids: torch.Tensor, attention_mask: Optional[torch
         return out.logits[:, -1, :], caches
     finally:
         if own:
-            unpatch(model)
+            _unpatch_attention(model)  # a MoE swap the caller installed stays
 
 
 @torch.no_grad()
@@ -144,4 +144,4 @@ def decode_step(model, cache, press, next_ids: torch.Tensor, attention_mask: Opt
         return out.logits[:, -1, :]
     finally:
         if own:
-            unpatch(model)
+            _unpatch_attention(model)  # a MoE swap the caller installed stays

@@ -32,7 +32,55 @@ def _decoder_of(model):
     raise ValueError(f"tasksieve.patch: cannot find the decoder layers of {type(model).__name__}")
 
 
+_CLASS_NAMES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+}
+
+#: Model types whose attention cannot run through ``tasksieve_sdpa``, and why (named in the error).
+_UNSUPPORTED_ATTENTION = {
+    "gpt_oss": "its attention adds learned per-head sink logits to the softmax and alternates sliding-window "
+               "layers; the tasksieve attention function (transformers' SDPA) and KV compression support neither",
+}
+
+
+def _sliding_layers(config) -> tuple[list[int], str]:
+    """Indices of the layers that do not attend to the whole prefix, and the config fields that say so."""
+    n = int(getattr(config, "num_hidden_layers", 0) or 0)
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    fields = []
+    for name in ("use_sliding_window", "sliding_window", "max_window_layers", "attention_chunk_size"):
+        if getattr(config, name, None) not in (None, False):
+            fields.append(f"{name}={getattr(config, name)!r}")
+    if layer_types:
+        # Qwen2 / Qwen2-MoE / Qwen3: the per-layer list is what the masks and the cache follow (sliding_window is 0
+        # or None when use_sliding_window is off)
+        bad = [i for i, t in enumerate(layer_types) if t != "full_attention"]
+        if bad:
+            kinds = sorted({layer_types[i] for i in bad})
+            fields.insert(0, f"layer_types has {'/'.join(kinds)} at layers {bad}")
+        return bad, ", ".join(fields)
+    # Mistral / Mixtral / Qwen3-MoE: one sliding_window for every layer (None = full attention); OLMoE has none
+    if window is not None or getattr(config, "attention_chunk_size", None) is not None:
+        return list(range(n)), ", ".join(fields)
+    return [], ""
+
+
 def _check_model(model) -> None:
+    """Can ``tasksieve_sdpa`` and the cache hooks run this model's attention? (``kv``/``prefill`` only; ``moe=``
+    alone never touches attention.)
+
+    What the supported families have in common, and what the integration relies on: every decoder layer has a
+    ``self_attn`` with a ``layer_idx`` that calls the attention function of ``config._attn_implementation`` with
+    RoPE'd queries ``[B, H, q, D]`` and the cache's keys/values ``[B, Hk, K, D]``; projection biases (Qwen2-MoE),
+    q/k RMSNorms (Qwen3-MoE per head, OLMoE over all heads) and OLMoE's ``clip_qkv`` all act before that call, so the
+    observation queries, the cached keys and the sparse prefill see exactly what dense attention sees. What would
+    break it is attention that does not see the whole prefix: sliding-window (or chunked) layers get their window
+    from the mask transformers builds, which ``tasksieve_sdpa`` replaces by a full causal mask, and from
+    sliding cache layers, which KV compression refuses - those configs are rejected here.
+    """
     try:
         from transformers import PreTrainedModel
     except ImportError as e:  # pragma: no cover
@@ -43,20 +91,24 @@ def _check_model(model) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)}), got {type(model).__name__}"
         )
     mt = getattr(model.config, "model_type", None)
+    if mt in _UNSUPPORTED_ATTENTION:
+        raise ValueError(
+            f"tasksieve.patch: kv= and prefill= do not support {type(model).__name__} (model type {mt!r}): "
+            f"{_UNSUPPORTED_ATTENTION[mt]} (moe= alone works where the MoE family is supported)"
+        )
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"tasksieve.patch: unsupported model type {mt!r} ({type(model).__name__}); supported model types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-            f"Qwen3ForCausalLM)"
+            f"tasksieve.patch: unsupported model type {mt!r} ({type(model).__name__}) for kv= / prefill=; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            f"({', '.join(_CLASS_NAMES[t] for t in SUPPORTED_MODEL_TYPES)})"
         )
-    layer_types = getattr(model.config, "layer_types", None) or []
-    sliding = any(t != "full_attention" for t in layer_types)
-    if mt == "mistral" and getattr(model.config, "sliding_window", None) is not None:
-        sliding = True
-    if sliding:
+    bad, fields = _sliding_layers(model.config)
+    if bad:
         raise ValueError(
-            f"tasksieve.patch: {type(model).__name__} uses sliding-window attention layers, which KV compression "
-            "does not support; use a config with full attention only (sliding_window=None / use_sliding_window=False)"
+            f"tasksieve.patch: {type(model).__name__} (model type {mt!r}) uses sliding-window attention "
+            f"({fields}), which kv= and prefill= do not support: tasksieve_sdpa attends to the whole prefix and KV "
+            "compression needs full-attention cache layers; use a config with full attention only "
+            "(sliding_window=None / use_sliding_window=False)"
         )
 
 
@@ -106,16 +158,26 @@ def patch(model, kv=None, prefill=None, moe=None):
     Parameters
     ----------
     model : transformers PreTrainedModel
-        ``LlamaForCausalLM``, ``MistralForCausalLM`` (full attention), ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM``
-        (or their decoder-only base models).
+        For ``kv`` / ``prefill``: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
+        ``Qwen3ForCausalLM``, ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM`` or
+        ``OlmoeForCausalLM`` (or their decoder-only base models), with full attention in every layer (Mistral /
+        Mixtral ``sliding_window=None``, Qwen ``use_sliding_window=False``). For ``moe`` alone: any of the MoE
+        families, sliding window or not (attention is not touched).
     kv : WindowKV, SnapKV, PyramidKV or None
         KV-cache press applied to every new request (a forward that starts with an empty cache). None installs the
         integration without compressing (needed to decode with caches made by :func:`prefill_multi`).
     prefill : FlexPrefill or None
         Sparse prefill attention (see the module docstring); composes with ``kv``. None: dense prefill.
     moe : PreMoe or None
-        Swap the MoE blocks of a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE model (see :mod:`tasksieve.integrations.hf.moe`). With
-        ``kv`` and ``prefill`` None only the MoE blocks are patched (any supported MoE model type).
+        Swap the MoE blocks of a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE model (see
+        :mod:`tasksieve.integrations.hf.moe`). With ``kv`` and ``prefill`` None only the MoE blocks are patched and
+        the attention implementation stays the model's own.
+
+    All three compose on one MoE model: ``patch(model, kv=WindowKV(...), prefill=FlexPrefill(...),
+    moe=PreMoe(...))``. Everything is validated first (a rejected model or setting leaves the model untouched);
+    then the MoE blocks are swapped, then the attention hooks are installed and the attention implementation is
+    switched. The two parts are independent (MoE blocks and attention modules share nothing), so the order only
+    matters for rolling back: a failure while installing attention puts the original MoE blocks back.
 
     Returns
     -------
@@ -124,24 +186,17 @@ def patch(model, kv=None, prefill=None, moe=None):
     Raises
     ------
     ValueError
-        Not a HF model, unsupported architecture or sliding-window layers, invalid press or prefill, already
-        patched.
+        Not a HF model, unsupported architecture or sliding-window layers (with ``kv`` / ``prefill``; the message
+        names the model and the config fields), invalid press, prefill or PreMoe, already patched.
     """
-    if moe is not None:
-        if kv is None and prefill is None:
-            return hf_moe.patch_moe(model, moe)
-        hf_moe.patch_moe(model, moe)
-        try:
-            return patch(model, kv=kv, prefill=prefill)
-        except Exception:
-            hf_moe.unpatch_moe(model)
-            raise
+    attention = kv is not None or prefill is not None
+    if moe is not None and not attention:
+        return hf_moe.patch_moe(model, moe)
     _check_model(model)
     if is_patched(model):
         raise ValueError("tasksieve.patch: the model is already patched; call tasksieve.unpatch(model) first")
     _check_press(kv)
     _check_prefill(prefill)
-    _register()
     decoder = _decoder_of(model)
     attn_modules = []
     for layer in decoder.layers:
@@ -149,6 +204,20 @@ def patch(model, kv=None, prefill=None, moe=None):
         if attn is None or not hasattr(attn, "layer_idx"):
             raise ValueError(f"tasksieve.patch: decoder layer {type(layer).__name__} has no self_attn with a layer_idx")
         attn_modules.append(attn)
+    if moe is not None:
+        # MoE blocks first (patch_moe validates the policy, the pattern and the family before it swaps anything)
+        hf_moe.patch_moe(model, moe)
+    try:
+        _patch_attention(model, decoder, attn_modules, kv, prefill)
+    except Exception:
+        if moe is not None:
+            hf_moe.unpatch_moe(model)
+        raise
+    return model
+
+
+def _patch_attention(model, decoder, attn_modules, kv, prefill) -> None:
+    _register()
     ms = _ModelState(
         press=kv,
         original_impl=model.config._attn_implementation,
@@ -170,8 +239,8 @@ def patch(model, kv=None, prefill=None, moe=None):
         _set_impl(model, ATTENTION_NAME)
     except Exception:
         _remove(model, ms)
+        _set_impl(model, ms.original_impl)
         raise
-    return model
 
 
 def _remove(model, ms: _ModelState) -> None:
@@ -185,20 +254,29 @@ def _remove(model, ms: _ModelState) -> None:
 
 
 def unpatch(model):
-    """Remove every hook and attribute of :func:`patch` and restore the attention implementation.
+    """Remove every hook and attribute of :func:`patch`, restore the attention implementation and put the original
+    MoE blocks back (whichever parts were patched).
 
     Returns the model. Raises ValueError when the model is not patched.
     """
     ms = getattr(model, _ATTR, None)
     if not isinstance(ms, _ModelState) and not hf_moe.is_moe_patched(model):
         raise ValueError("tasksieve.unpatch: the model is not patched")
+    # the reverse of patch: attention hooks and implementation first, then the original MoE blocks
+    if isinstance(ms, _ModelState):
+        _unpatch_attention(model)
     if hf_moe.is_moe_patched(model):
         hf_moe.unpatch_moe(model)
-    if not isinstance(ms, _ModelState):
-        return model
+    return model
+
+
+def _unpatch_attention(model) -> None:
+    """Remove the attention part only (hooks, attributes, implementation); a MoE swap stays. For helpers that patch
+    attention for one call (:func:`prefill_multi`, :func:`decode_step`) on a model whose MoE blocks the caller
+    patched."""
+    ms = getattr(model, _ATTR)
     _remove(model, ms)
     _set_impl(model, ms.original_impl)
-    return model
 
 
 @contextlib.contextmanager

@@ -13,7 +13,11 @@ from ...methods.windowkv.state import PressState
 
 
 ATTENTION_NAME = "tasksieve_sdpa"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: Model types ``patch(kv=..., prefill=...)`` accepts (full-attention configs only): the dense families and the MoE
+#: families whose attention is Llama's plus at most q/k norms, clamping and projection biases applied before the
+#: attention function (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE). ``moe=`` alone has its own list
+#: (:data:`tasksieve.integrations.hf.moe.SUPPORTED_MOE_TYPES`).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 _ATTR = "_tasksieve"
 
 

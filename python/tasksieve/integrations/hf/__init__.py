@@ -1,5 +1,7 @@
 """HuggingFace integration (``ts.hf``): KV-cache compression presses and sparse prefill on Llama / Mistral / Qwen2 /
-Qwen3 causal LMs, MoE block swap (:mod:`.moe`) and PreMoe on HF MoE models (:mod:`.premoe`).
+Qwen3 and Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE causal LMs (full-attention configs), MoE block swap (:mod:`.moe`)
+and PreMoe on the MoE ones (:mod:`.premoe`). All three compose on one MoE model:
+``patch(model, kv=WindowKV(...), prefill=FlexPrefill(...), moe=PreMoe(...))``.
 
 Modules: :mod:`.state` (per-model and per-request state), :mod:`.attention` (the registered attention function),
 :mod:`.cache` (the hooks that compress and evict), :mod:`.patch` (patch / unpatch / info), :mod:`.multi` (one
@@ -43,6 +45,18 @@ How it works (nothing private is monkeypatched)
   compression ``cache.get_seq_length()`` (layer 0's kept length) no longer equals the number of tokens seen.
   ``generate`` always passes ``position_ids`` derived from the attention mask, so RoPE positions continue from
   the original length.
+
+Model families. The attention of every supported family calls the attention function of
+``config._attn_implementation`` with RoPE'd queries and the cache's keys/values; whatever a family adds (Qwen2-MoE's
+q/k/v biases, Qwen3-MoE's per-head and OLMoE's all-head q/k RMSNorm, OLMoE's ``clip_qkv``) happens before that call,
+so the same function and hooks serve all of them. Sliding-window (or chunked) layers are refused with a ValueError
+naming the model and the config fields (Mistral / Mixtral ``sliding_window``, Qwen2-MoE ``layer_types`` from
+``use_sliding_window`` / ``max_window_layers``, Qwen3-MoE ``use_sliding_window``): the window lives in the mask HF
+builds, which ``tasksieve_sdpa`` replaces, and KV compression needs full-attention cache layers. ``moe=`` alone
+does not touch attention and accepts them. With ``moe=`` and ``kv``/``prefill`` together everything is validated
+first, then the MoE blocks are swapped, then the attention hooks installed; ``unpatch`` undoes attention first,
+then the swap. ``output_router_logits=True`` works on a swapped model (the swapped block runs the HF router module
+whenever something hooks it, as transformers' output recorder does).
 
 Per-request state lives on the cache object (``cache._tasksieve``, a :class:`CacheState`): the press, its
 :class:`~tasksieve.methods.windowkv.PressState`, each layer's kept-token padding mask, the decode query buffers and the

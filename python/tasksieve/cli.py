@@ -297,9 +297,30 @@ def _add_premoe_parsers(sub) -> None:
     how = pn.add_mutually_exclusive_group(required=True)
     how.add_argument("--prompt", help="retrieve the nearest task for this prompt")
     how.add_argument("--task", dest="task_name", help="use this stored task")
+    pn.add_argument("--top-k", type=_positive_int, default=None,
+                    help="experts per token after pruning (default: the router's; needed when --keep is smaller)")
     pn.add_argument("--out", required=True, help="output folder of the pruned HF checkpoint")
     pn.add_argument("--dtype", choices=_DTYPES, default="float32")
     pn.add_argument("--device", default="cpu")
+
+    mg = sub.add_parser("merge", help="UNCURL: merge each MoE layer's experts by a task's router statistics, "
+                                      "export a smaller HF model")
+    mg.add_argument("--model", required=True, help=model_help)
+    mg.add_argument("--store", required=True, help="pattern store written by tasksieve profile")
+    mg.add_argument("--keep", type=_keep_arg, default=0.5,
+                    help="experts after merging per MoE layer: ratio in (0, 1] or a count (default 0.5)")
+    how = mg.add_mutually_exclusive_group(required=True)
+    how.add_argument("--prompt", help="retrieve the nearest task for this prompt")
+    how.add_argument("--task", dest="task_name", help="use this stored task")
+    mg.add_argument("--top-k", type=_positive_int, default=None,
+                    help="experts per token after merging (default: the router's; needed when --keep is smaller)")
+    mg.add_argument("--affinity", choices=("logits", "coselect"), default="logits",
+                    help="expert similarity: router-logit correlation (default, UNCURL) or co-selection (ablation)")
+    mg.add_argument("--no-align", action="store_true", help="average without aligning hidden units (ablation)")
+    mg.add_argument("--seed", type=int, default=0, help="k-means seed of the spectral clustering")
+    mg.add_argument("--out", required=True, help="output folder of the merged HF checkpoint")
+    mg.add_argument("--dtype", choices=_DTYPES, default="float32")
+    mg.add_argument("--device", default="cpu")
 
     ex = sub.add_parser("export", help="save a model (e.g. tiny:mixtral) as a HF checkpoint folder")
     ex.add_argument("--model", required=True, help=model_help)
@@ -336,7 +357,23 @@ def _premoe(args) -> int:
                 print(f"retrieved task {pattern.task!r} (L2 distance {pattern.distance:.4g}; tasks {store.tasks})")
             else:
                 pattern = store[args.task_name]
-            report = premoe.prune(model, pattern, keep=args.keep)
+            report = premoe.prune(model, pattern, keep=args.keep, top_k=args.top_k)
+            out = premoe.export(model, args.out, tok)
+            print(report)
+            print(f"wrote {out}")
+        elif args.command == "merge":
+            from .integrations.hf.uncurl import merge
+
+            store = premoe.PatternStore.load(args.store, model=model, tokenizer=tok)
+            if args.prompt is not None:
+                pattern = store.retrieve(args.prompt)
+                print(f"retrieved task {pattern.task!r} (L2 distance {pattern.distance:.4g}; tasks {store.tasks})")
+            else:
+                if args.task_name not in store:
+                    raise ValueError(f"--task: {args.task_name!r} is not in the store (tasks: {store.tasks})")
+                pattern = store[args.task_name]
+            report = merge(model, pattern, keep=args.keep, top_k=args.top_k, affinity=args.affinity,
+                           align=not args.no_align, seed=args.seed)
             out = premoe.export(model, args.out, tok)
             print(report)
             print(f"wrote {out}")
@@ -364,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(args)
     if args.command == "niah":
         return _niah(args)
-    if args.command in ("profile", "prune", "export"):
+    if args.command in ("profile", "prune", "merge", "export"):
         return _premoe(args)
     raise AssertionError(args.command)  # pragma: no cover
 

@@ -5,6 +5,8 @@ operations and :mod:`tasksieve.methods.premoe` for the tensor-level parts).
     pattern = store.retrieve("Solve 3x + 5 = 11.")
     ts.premoe.prune(model, pattern, keep=0.5)
     ts.premoe.export(model, "pruned/", tokenizer)
+
+    ts.premoe.merge(model, store, task="math", keep=8)     # UNCURL: merge experts instead of dropping them
 """
 
 from .integrations.hf.premoe import (
@@ -19,7 +21,9 @@ from .integrations.hf.premoe import (
     prune,
     retrieval_key,
 )
+from .integrations.hf.uncurl import MergeReport, is_merged, merge
 from .methods.premoe import check_keep, keep_counts
+from .methods.router_stats import RouterStats
 
 __all__ = ["PreMoe", "Pattern", "PatternStore", "PruneReport", "profile", "prune", "export", "retrieval_key",
-           "probe_key", "check_fits", "check_keep", "keep_counts"]
+           "probe_key", "check_fits", "check_keep", "keep_counts", "merge", "MergeReport", "is_merged", "RouterStats"]

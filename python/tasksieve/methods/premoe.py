@@ -36,6 +36,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .. import ops
+from .router_stats import RouterStats
 
 __all__ = [
     "PreMoe",
@@ -134,12 +135,16 @@ class Pattern:
         ``model_type``, ``moe_layers``, ``num_experts``, ``top_k`` (the router's) of the profiled model.
     distance : float or None
         L2 distance between the query key and this task's key when the pattern came from a retrieval.
+    stats : RouterStats or None
+        The task's router statistics (what UNCURL's merge clusters by); None for stores profiled before they
+        existed.
     """
 
     task: str
     tcess: torch.Tensor
     fingerprint: dict
     distance: Optional[float] = None
+    stats: Optional[RouterStats] = None
 
     @property
     def num_layers(self) -> int:
@@ -153,17 +158,18 @@ class Pattern:
     def top_k(self) -> int:
         return int(self.fingerprint["top_k"])
 
-    def keep_counts(self, keep=0.5) -> list[int]:
+    def keep_counts(self, keep=0.5, top_k: Optional[int] = None) -> list[int]:
         """M per MoE layer for ``keep`` (see :meth:`keep_sets`)."""
-        return keep_counts(keep, self.num_layers, self.num_experts, self.top_k)
+        return keep_counts(keep, self.num_layers, self.num_experts, self.top_k if top_k is None else top_k)
 
-    def keep_sets(self, keep=0.5) -> list[torch.Tensor]:
+    def keep_sets(self, keep=0.5, top_k: Optional[int] = None) -> list[torch.Tensor]:
         """Per MoE layer, the kept expert ids (LongTensor, ascending): that layer's own top-M by TCESS.
 
         ``keep``: ratio in (0, 1] (M = ceil(ratio * E)), an int M, or one of those per MoE layer (non-uniform M).
-        Raises ValueError naming ``keep`` when M < the router's top_k, M > E or the ratio is outside (0, 1].
+        ``top_k``: experts per token the pruned model will route (default: the router's).
+        Raises ValueError naming ``keep`` when M < top_k, M > E or the ratio is outside (0, 1].
         """
-        counts = self.keep_counts(keep)
+        counts = self.keep_counts(keep, top_k)
         out = []
         for l, m in enumerate(counts):
             order = torch.argsort(self.tcess[l], descending=True, stable=True)
@@ -198,6 +204,7 @@ class PatternStore:
         self.fingerprint.setdefault("tcess_top_k", 1)
         self.fingerprint.setdefault("tcess_r", -1.0)
         self._tasks: dict[str, torch.Tensor] = {}
+        self._stats: dict[str, RouterStats] = {}
         self.tokens: dict[str, int] = dict(tokens or {})
         for name, t in (tasks or {}).items():
             self.add(name, t, tokens=self.tokens.get(name))
@@ -217,20 +224,32 @@ class PatternStore:
         return (f"PatternStore(tasks={self.tasks}, model_type={fp.get('model_type')!r}, "
                 f"moe_layers={len(fp.get('moe_layers', []))}, num_experts={fp.get('num_experts')})")
 
-    def add(self, task: str, tcess: torch.Tensor, tokens: Optional[int] = None) -> None:
-        """Add or replace a task's TCESS ``[n_moe_layers, E]``."""
+    def add(self, task: str, tcess: torch.Tensor, tokens: Optional[int] = None,
+            stats: Optional[RouterStats] = None) -> None:
+        """Add or replace a task's TCESS ``[n_moe_layers, E]`` (and its router statistics, when given)."""
         shape = (len(self.fingerprint["moe_layers"]), int(self.fingerprint["num_experts"]))
         if not isinstance(tcess, torch.Tensor) or tuple(tcess.shape) != shape:
             got = tuple(tcess.shape) if isinstance(tcess, torch.Tensor) else type(tcess).__name__
             raise ValueError(f"tcess[{task!r}]: expected a tensor of shape {shape} (MoE layers, experts), got {got}")
+        if stats is not None:
+            if not isinstance(stats, RouterStats):
+                raise ValueError(f"stats[{task!r}]: expected a RouterStats, got {type(stats).__name__}")
+            stats.validate(*shape, what=f"stats[{task!r}]")
+            self._stats[task] = stats.to("cpu")
+        else:
+            self._stats.pop(task, None)
         self._tasks[task] = tcess.detach().float().cpu().contiguous()
         if tokens is not None:
             self.tokens[task] = int(tokens)
 
+    def has_stats(self, task: str) -> bool:
+        """True when the store holds router statistics for ``task`` (stores profiled by this version do)."""
+        return task in self._stats
+
     def __getitem__(self, task: str) -> Pattern:
         if task not in self._tasks:
             raise KeyError(f"task {task!r} is not in the store (tasks: {self.tasks})")
-        return Pattern(task, self._tasks[task], dict(self.fingerprint))
+        return Pattern(task, self._tasks[task], dict(self.fingerprint), stats=self._stats.get(task))
 
     def keys(self) -> torch.Tensor:
         """Retrieval keys ``[n_tasks, E]``: the first-MoE-layer TCESS of every task."""
@@ -266,8 +285,13 @@ class PatternStore:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"tcess.{i}": t for i, t in enumerate(self._tasks.values())}
+        stats_tokens = {}
+        for i, name in enumerate(self.tasks):
+            if name in self._stats:
+                tensors.update(self._stats[name].tensors(f"stats.{i}"))
+                stats_tokens[name] = self._stats[name].tokens
         meta = {"format": _FORMAT, "tasks": json.dumps(self.tasks), "tokens": json.dumps(self.tokens),
-                "fingerprint": json.dumps(self.fingerprint)}
+                "fingerprint": json.dumps(self.fingerprint), "stats_tokens": json.dumps(stats_tokens)}
         save_file(tensors, str(path), metadata=meta)
         return path
 
@@ -285,7 +309,15 @@ class PatternStore:
                 raise ValueError(f"path: {path} is not a tasksieve pattern store (format {meta.get('format')!r})")
             names = json.loads(meta["tasks"])
             tasks = {name: f.get_tensor(f"tcess.{i}") for i, name in enumerate(names)}
+            stats_tokens = json.loads(meta.get("stats_tokens", "{}"))
+            stored = set(f.keys())
+            stats = {name: RouterStats.from_tensors({k: f.get_tensor(k) for k in stored
+                                                     if k.startswith(f"stats.{i}.")}, f"stats.{i}",
+                                                    stats_tokens[name])
+                     for i, name in enumerate(names) if name in stats_tokens}
         store = cls(json.loads(meta["fingerprint"]), tasks, json.loads(meta.get("tokens", "{}")))
+        for name, st in stats.items():
+            store.add(name, store._tasks[name], stats=st)
         return store
 
 

@@ -151,7 +151,7 @@ def fingerprint(model) -> dict:
         "model_type": model.config.model_type,
         "moe_layers": [s.layer_idx for s in sites],
         "num_experts": _original_num_experts(model, conv),
-        "top_k": conv["top_k"],
+        "top_k": int(getattr(model.config, "tasksieve_original_top_k", None) or conv["top_k"]),
     }
 
 

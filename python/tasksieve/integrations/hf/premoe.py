@@ -41,6 +41,7 @@ from torch import nn
 from ... import ops
 from ...methods.premoe import Pattern, PreMoe, _is_int, _is_real, check_fingerprint, retrieval_key
 from ...methods.premoe import PatternStore as _PatternStore
+from ...methods.router_stats import RouterStats
 from . import moe as hf_moe
 from .moe import fingerprint
 
@@ -163,7 +164,9 @@ def _token_stream(texts, tokenizer, task: str, max_tokens: int) -> list[int]:
 def profile(model, texts_by_task: dict, tokenizer=None, *, top_k: Optional[int] = 1, r: float = -1.0,
             max_tokens: int = 65536, seq_len: int = 512, batch_size: int = 8, progress: bool = True,
             store: Optional["PatternStore"] = None) -> "PatternStore":
-    """Profile the TCESS of every task: forward hooks on every MoE block's router input, ``ops.tcess_update``.
+    """Profile the TCESS of every task: forward hooks on every MoE block's router input, ``ops.tcess_update``;
+    the same hooks accumulate the task's router statistics (``ops.router_stats_update``: selection counts, logit
+    sums, logit Gram and co-selection, fp64 on the device) that :func:`tasksieve.premoe.merge` clusters by.
 
     Parameters
     ----------
@@ -190,8 +193,9 @@ def profile(model, texts_by_task: dict, tokenizer=None, *, top_k: Optional[int] 
     """
     conv = hf_moe.moe_convention(model, "profile: model")
     sites = hf_moe.moe_sites(model, "profile: model")
-    if hf_moe.is_pruned(model):
-        raise ValueError("profile: model is pruned; profile the unpruned model (TCESS ranks the original experts)")
+    if hf_moe.is_pruned(model) or getattr(model.config, "tasksieve_merged_groups", None) is not None:
+        raise ValueError("profile: model is pruned or merged; profile the unreduced model (TCESS ranks the "
+                         "original experts)")
     if not isinstance(texts_by_task, dict) or not texts_by_task:
         raise ValueError("texts_by_task: expected a non-empty dict task name -> list of texts")
     for name in texts_by_task:
@@ -221,10 +225,18 @@ def profile(model, texts_by_task: dict, tokenizer=None, *, top_k: Optional[int] 
     count = torch.zeros(L, 1, dtype=torch.int64, device=dev)
     weights = [hf_moe.full_router_weight(model, s, conv) for s in sites]
 
+    router_k = conv["top_k"]
+    stats = None  # one RouterStats per task, made in the loop below
+
     def make_hook(l: int):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            ops.tcess_update(hf_moe.router_logits_fp32(x, weights[l]), int(top_k), float(r), acc[l], count[l])
+            logits = hf_moe.router_logits_fp32(x, weights[l])
+            ops.tcess_update(logits, int(top_k), float(r), acc[l], count[l])
+            # UNCURL's statistics: the router's own top-k selection (its scoring picks the same experts as top-k
+            # of the logits for every supported family), fp64 sums on the device
+            _, ids = ops.route_topk(logits, router_k, conv["scoring"], conv["renormalize"])
+            stats.update(l, logits, ids)
         return hook
 
     handles = [getattr(s.parent, s.attr).register_forward_pre_hook(make_hook(l), with_kwargs=True)
@@ -238,6 +250,7 @@ def profile(model, texts_by_task: dict, tokenizer=None, *, top_k: Optional[int] 
         for task, stream in streams.items():
             acc.zero_()
             count.zero_()
+            stats = RouterStats.zeros(L, n_exp, device=dev)
             if bar is not None:
                 bar.set_postfix_str(task)
             chunks = [stream[i:i + seq_len] for i in range(0, len(stream), seq_len)]
@@ -247,9 +260,10 @@ def profile(model, texts_by_task: dict, tokenizer=None, *, top_k: Optional[int] 
             for batch in batches:
                 ids = torch.tensor(batch, dtype=torch.long, device=dev)
                 model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                stats.add_tokens(ids.numel())
                 if bar is not None:
                     bar.update(ids.numel())
-            store.add(task, (acc / count.clamp(min=1)).float().cpu(), tokens=len(stream))
+            store.add(task, (acc / count.clamp(min=1)).float().cpu(), tokens=len(stream), stats=stats)
     finally:
         for h in handles:
             h.remove()
@@ -362,7 +376,7 @@ def _slice_rows(module: nn.Module, ids: torch.Tensor, n: int) -> None:
 
 
 @torch.no_grad()
-def prune(model, pattern: Pattern, keep=0.5) -> PruneReport:
+def prune(model, pattern: Pattern, keep=0.5, *, top_k: Optional[int] = None) -> PruneReport:
     """Compact every MoE layer to the experts ``pattern`` keeps; HF's own forward keeps working.
 
     Per MoE layer: the expert weights (``gate_up_proj``, ``down_proj``, and expert biases where a family has them)
@@ -380,6 +394,10 @@ def prune(model, pattern: Pattern, keep=0.5) -> PruneReport:
         From ``store.retrieve(...)`` or ``store[task]``.
     keep : float, int or sequence
         See :meth:`Pattern.keep_sets`. Non-uniform M per layer is allowed (in memory; :func:`export` needs uniform).
+    top_k : int or None
+        Experts per token after pruning; None keeps the router's. A ``keep`` below the router's top-k needs an
+        explicit ``top_k`` <= every layer's M (e.g. 4 of 16 experts of a top-8 model: ``top_k=4``); the router's
+        modules and the config get the new value.
 
     Returns
     -------
@@ -392,12 +410,23 @@ def prune(model, pattern: Pattern, keep=0.5) -> PruneReport:
     sites = hf_moe.moe_sites(model, "prune: model")
     if hf_moe.is_pruned(model):
         raise ValueError("prune: model is already pruned; prune the unpruned model")
+    if getattr(model.config, "tasksieve_merged_groups", None) is not None:
+        raise ValueError("prune: model is merged (tasksieve.premoe.merge); prune the unmerged model")
     if isinstance(pattern, PatternStore):
         raise ValueError("pattern: expected a Pattern; pick one with store.retrieve(prompt) or store[task]")
     if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern: expected a tasksieve.premoe.Pattern, got {type(pattern).__name__}")
     check_fits(pattern, model, "pattern")
-    keep_sets = pattern.keep_sets(keep)
+    router_k = conv["top_k"]
+    if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= router_k):
+        raise ValueError(f"top_k must be an int in [1, {router_k}] (the router's top_k or fewer), got {top_k!r}")
+    new_k = router_k if top_k is None else int(top_k)
+    try:
+        keep_sets = pattern.keep_sets(keep, new_k)
+    except ValueError as e:
+        if top_k is None and "fewer than the router's top_k" in str(e):
+            raise ValueError(f"{e}; or pass top_k= (<= the kept count) to route fewer experts per token") from None
+        raise
     n_exp = conv["num_experts"]
     before = _param_bytes(model)
     expert_before = sum(_param_bytes(getattr(s.block, conv["experts_attr"])) for s in sites)
@@ -412,9 +441,14 @@ def prune(model, pattern: Pattern, keep=0.5) -> PruneReport:
         for mod in (gate, experts, site.block):
             if hasattr(mod, "num_experts"):
                 mod.num_experts = m
+            if hasattr(mod, "top_k"):
+                mod.top_k = new_k
     counts = [len(ids) for ids in keep_sets]
     cfg = model.config
     setattr(cfg, conv["num_experts_attr"], max(counts))
+    setattr(cfg, conv["top_k_attr"], new_k)
+    if new_k != router_k:
+        cfg.tasksieve_original_top_k = router_k
     cfg.tasksieve_kept_experts = [ids.tolist() for ids in keep_sets]
     cfg.tasksieve_original_num_experts = n_exp
     cfg.tasksieve_task = pattern.task
@@ -434,12 +468,13 @@ def export(model, out_dir: Union[str, Path], tokenizer=None, **save_kwargs) -> P
     pruning (different M per layer) cannot be expressed by a HF config (one expert count per model): ValueError.
     """
     hf_moe.moe_convention(model, "export: model")
-    kept = getattr(model.config, "tasksieve_kept_experts", None)
-    if kept is not None and len({len(k) for k in kept}) > 1:
-        raise ValueError(
-            f"export: model was pruned with a different expert count per layer ({[len(k) for k in kept]}); a HF "
-            "config holds one expert count, so export needs a uniform keep"
-        )
+    for key, verb in (("tasksieve_kept_experts", "pruned"), ("tasksieve_merged_groups", "merged")):
+        kept = getattr(model.config, key, None)
+        if kept is not None and len({len(k) for k in kept}) > 1:
+            raise ValueError(
+                f"export: model was {verb} to a different expert count per layer ({[len(k) for k in kept]}); a HF "
+                "config holds one expert count, so export needs a uniform keep"
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     attn = getattr(model.config, "_attn_implementation", None)

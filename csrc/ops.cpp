@@ -104,6 +104,20 @@ TORCH_LIBRARY(tasksieve, m) {
   // TCESS = acc / count. acc float64 [E], count int64 [1], both mutated in place.
   m.def("tcess_update(Tensor router_logits, int top_k, float r, Tensor(a!) acc, "
         "Tensor(b!) count) -> ()");
+  // UNCURL's router statistics over calibration tokens, accumulated in place in float64.
+  // router_logits [T, E] float (each logit converted to fp64 before any product or sum; T = 0:
+  // no-op); topk_ids int32/int64 [T, k], 1 <= k <= E, ids in [0, E). S[t, i] = #{j :
+  // topk_ids[t, j] == i} (a duplicate id counts once per occurrence):
+  //   counts [E]        += sum_t S[t, i]
+  //   logit_sum [E]     += sum_t z[t, i]            (all tokens, selected or not)
+  //   logit_gram [E, E] += sum_t z[t, i] * z[t, j]
+  //   coselect [E, E]   += sum_t S[t, i] * S[t, j]  (tokens selecting both; for distinct ids
+  //                                                  the diagonal adds what counts adds)
+  // All four float64, contiguous, on router_logits' device. An id outside [0, E) is an error
+  // on CPU; the CUDA kernel cannot check without a host sync and skips it (never an
+  // out-of-bounds write). Deterministic on both (CUDA: per-chunk sums, then chunks in order).
+  m.def("router_stats_update(Tensor router_logits, Tensor topk_ids, Tensor(a!) counts, "
+        "Tensor(b!) logit_sum, Tensor(c!) logit_gram, Tensor(d!) coselect) -> ()");
   // router_logits [T, E] float -> (topk_weights fp32 [T, k], topk_ids int32 [T, k]), columns in
   // descending selection score, ties to the lower expert id. keep_mask bool [E] (None = all
   // kept): pruned experts can never be selected; at least top_k must be kept.

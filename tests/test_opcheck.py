@@ -134,7 +134,7 @@ def _select_blocks_samples(device):
     return out
 
 
-# ---- PreMoe routing samples (tcess_update, route_topk, moe_align) ----
+# ---- PreMoe routing samples (tcess_update, router_stats_update, route_topk, moe_align) ----
 def _tcess_update_samples(device):
     g = _gen(7)
     out = []
@@ -144,6 +144,25 @@ def _tcess_update_samples(device):
         acc = torch.randn(E, generator=g, dtype=torch.float64).to(device)
         count = torch.tensor([3], dtype=torch.int64, device=device)
         out.append(((z, k, r, acc, count), {}))
+    return out
+
+
+def _router_stats_update_samples(device):
+    g = _gen(12)
+    out = []
+    for (T, E, k, dtype, id_dtype) in [(5, 8, 2, torch.float32, torch.int32),
+                                       (9, 6, 3, torch.bfloat16, torch.int64),
+                                       (0, 4, 1, torch.float16, torch.int64)]:
+        z = torch.randn(T, E, generator=g).to(dtype=dtype, device=device)
+        ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k].to(dtype=id_dtype, device=device)
+        acc = [torch.randn(*s, generator=g, dtype=torch.float64).to(device)
+               for s in ((E,), (E,), (E, E), (E, E))]
+        out.append(((z, ids, *acc), {}))
+    # strided logits (a transposed view)
+    z = torch.randn(6, 7, generator=g).to(device).t().contiguous().t()
+    ids = torch.randint(0, 7, (6, 2), generator=g).to(device)
+    out.append(((z, ids, *[torch.zeros(*s, dtype=torch.float64, device=device)
+                           for s in ((7,), (7,), (7, 7), (7, 7))]), {}))
     return out
 
 
@@ -217,6 +236,7 @@ SAMPLES = {
     "select_blocks": _select_blocks_samples,
     # PreMoe routing
     "tcess_update": _tcess_update_samples,
+    "router_stats_update": _router_stats_update_samples,
     "route_topk": _route_topk_samples,
     "moe_align": _moe_align_samples,
     # PreMoe expert GEMM

@@ -7,13 +7,15 @@ input sizes only, so they work with symbolic shapes. One module per op family, l
 
 windowkv      window_scores, select_windows, gather_windows, gather_windows_, window_count
 flexprefill   block_sparse_attention, js_divergence, flex_estimate, select_blocks
-premoe        tcess_update, route_topk, moe_align, expert_gemm, moe_forward
+premoe        tcess_update, router_stats_update, route_topk, moe_align, expert_gemm,
+              moe_forward
 
 The plain-PyTorch ground truth of every op is ``tasksieve.reference`` (tests and benchmarks only).
 """
 
 from .flexprefill import block_sparse_attention, flex_estimate, js_divergence, select_blocks
-from .premoe import expert_gemm, moe_align, moe_forward, route_topk, tcess_update
+from .premoe import (expert_gemm, moe_align, moe_forward, route_topk, router_stats_update,
+                     tcess_update)
 from .windowkv import gather_windows, gather_windows_, select_windows, window_count, window_scores
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "flex_estimate",
     "select_blocks",
     "tcess_update",
+    "router_stats_update",
     "route_topk",
     "moe_align",
     "expert_gemm",

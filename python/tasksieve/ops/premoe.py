@@ -1,4 +1,5 @@
-"""PreMoe ops: tcess_update, route_topk, moe_align, expert_gemm, moe_forward, and their fakes."""
+"""PreMoe ops: tcess_update, router_stats_update, route_topk, moe_align, expert_gemm, moe_forward,
+and their fakes."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import torch
 
 from . import _loader
 
-__all__ = ["tcess_update", "route_topk", "moe_align", "expert_gemm", "moe_forward"]
+__all__ = ["tcess_update", "router_stats_update", "route_topk", "moe_align", "expert_gemm",
+           "moe_forward"]
 
 
 # ---------------------------------------------------------------------------------------------
-# PreMoe routing: tcess_update, route_topk, moe_align
+# PreMoe routing: tcess_update, router_stats_update, route_topk, moe_align
 # ---------------------------------------------------------------------------------------------
 
 
@@ -41,6 +43,39 @@ def tcess_update(router_logits: torch.Tensor, top_k: int, r: float, acc: torch.T
     """
     _loader.require_kernel("tcess_update", router_logits)
     torch.ops.tasksieve.tcess_update.default(router_logits, top_k, r, acc, count)
+    return None
+
+
+def router_stats_update(router_logits: torch.Tensor, topk_ids: torch.Tensor,
+                        counts: torch.Tensor, logit_sum: torch.Tensor, logit_gram: torch.Tensor,
+                        coselect: torch.Tensor) -> None:
+    """Accumulates UNCURL's router statistics over calibration tokens, in place, in float64.
+
+    With z = router_logits converted to float64 and ``S[t, i]`` = the number of times expert i
+    occurs in ``topk_ids[t]`` (a duplicate id counts once per occurrence)::
+
+        counts     += S.sum(0)          logit_sum  += z.sum(0)   (all tokens, selected or not)
+        coselect   += S.T @ S           logit_gram += z.T @ z
+
+    For distinct ids per row, ``coselect[i, j]`` counts the tokens that select both i and j
+    and its diagonal adds what ``counts`` adds. Deterministic on CPU and CUDA (no atomics on
+    floats); the statistics stay on the logits' device, no host sync.
+
+    Parameters
+    ----------
+    router_logits : Tensor [T, E]
+        Router logits, float32, float16 or bfloat16; any strides. T = 0 is a no-op.
+    topk_ids : Tensor [T, k] int32 or int64
+        The experts each token selects, 1 <= k <= E, ids in [0, E). An id out of range is an
+        error on CPU; on CUDA it is skipped (checking would need a host sync).
+    counts, logit_sum : Tensor [E] float64
+        Mutated; contiguous, on the device of router_logits.
+    logit_gram, coselect : Tensor [E, E] float64
+        Mutated; contiguous, on the device of router_logits.
+    """
+    _loader.require_kernel("router_stats_update", router_logits)
+    torch.ops.tasksieve.router_stats_update.default(router_logits, topk_ids, counts, logit_sum,
+                                                    logit_gram, coselect)
     return None
 
 
@@ -129,6 +164,14 @@ if _loader.LOADED and "tcess_update" in _loader.op_names():
 
     @torch.library.register_fake("tasksieve::tcess_update")
     def _tcess_update_fake(router_logits, top_k, r, acc, count):
+        return None
+
+
+if _loader.LOADED and "router_stats_update" in _loader.op_names():
+
+    @torch.library.register_fake("tasksieve::router_stats_update")
+    def _router_stats_update_fake(router_logits, topk_ids, counts, logit_sum, logit_gram,
+                                  coselect):
         return None
 
 

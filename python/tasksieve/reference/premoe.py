@@ -1,4 +1,5 @@
-"""Pure-PyTorch PreMoe ops: tcess_update, route_topk, moe_align, expert_gemm, moe_forward."""
+"""Pure-PyTorch PreMoe ops: tcess_update, router_stats_update, route_topk, moe_align,
+expert_gemm, moe_forward."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from ._common import _SCORE_DTYPES, _fail, _shape
 
 __all__ = [
     "reference_tcess_update",
+    "reference_router_stats_update",
     "reference_route_topk",
     "reference_moe_align",
     "moe_align_padded_size",
     "ROUTE_SCORINGS",
     "check_tcess_update_args",
+    "check_router_stats_update_args",
     "check_route_topk_args",
     "check_moe_align_args",
     "check_expert_gemm_args",
@@ -26,7 +29,7 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# PreMoe routing: tcess_update, route_topk, moe_align
+# PreMoe routing: tcess_update, router_stats_update, route_topk, moe_align
 # ---------------------------------------------------------------------------------------------
 
 ROUTE_SCORINGS = ("softmax", "sigmoid", "topk_softmax")
@@ -107,6 +110,87 @@ def reference_tcess_update(router_logits: torch.Tensor, top_k: int, r: float, ac
                                                                   device=z.device))
         acc.index_add_(0, sel.flatten(), contrib.flatten())
     count.add_(T)
+
+
+def _check_router_stats_accumulator(name: str, t, shape: tuple, shape_name: str, device) -> None:
+    op = "router_stats_update"
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+        _fail(op, f"{name} must have shape {shape_name} = {list(shape)} "
+                  f"(E = router_logits.size(1)), got {_shape(t)}")
+    if t.dtype != torch.float64:
+        _fail(op, f"{name} must be torch.float64, got {t.dtype}")
+    if t.device != device:
+        _fail(op, f"{name} must be on the device of router_logits ({device}), got {t.device}")
+    if not t.is_contiguous():
+        _fail(op, f"{name} must be contiguous (it is updated in place), got strides "
+                  f"{list(t.stride())}")
+
+
+def check_router_stats_update_args(router_logits, topk_ids, counts, logit_sum, logit_gram,
+                                   coselect) -> None:
+    """Every check of ``router_stats_update``, the values of topk_ids included (which the CUDA
+    op skips instead: one host sync here for CUDA ids)."""
+    op = "router_stats_update"
+    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
+        _fail(op, f"router_logits must be a 2-D tensor [T, E], got shape {_shape(router_logits)}")
+    if router_logits.dtype not in _SCORE_DTYPES:
+        _fail(op, f"router_logits must be float32, float16 or bfloat16, got {router_logits.dtype}")
+    T, E = router_logits.shape
+    dev = router_logits.device
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
+        _fail(op, f"topk_ids must be a 2-D tensor [T, k], got shape {_shape(topk_ids)}")
+    if topk_ids.dtype not in _ID_DTYPES:
+        _fail(op, f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if topk_ids.shape[0] != T:
+        _fail(op, f"topk_ids must have T = router_logits.size(0) = {T} rows, got shape "
+                  f"{_shape(topk_ids)}")
+    k = topk_ids.shape[1]
+    if not 1 <= k <= E:
+        _fail(op, f"topk_ids must have k in [1, E] = [1, {E}] columns "
+                  f"(E = router_logits.size(1)), got k = {k}")
+    if topk_ids.device != dev:
+        _fail(op, f"topk_ids must be on the device of router_logits ({dev}), got "
+                  f"{topk_ids.device}")
+    _check_router_stats_accumulator("counts", counts, (E,), "[E]", dev)
+    _check_router_stats_accumulator("logit_sum", logit_sum, (E,), "[E]", dev)
+    _check_router_stats_accumulator("logit_gram", logit_gram, (E, E), "[E, E]", dev)
+    _check_router_stats_accumulator("coselect", coselect, (E, E), "[E, E]", dev)
+    bad = ((topk_ids < 0) | (topk_ids >= E)).nonzero()
+    if bad.numel():
+        t, j = (int(v) for v in bad[0])
+        _fail(op, f"topk_ids must be in [0, E) = [0, {E}), got {int(topk_ids[t, j])} "
+                  f"at [{t}, {j}]")
+
+
+def reference_router_stats_update(router_logits: torch.Tensor, topk_ids: torch.Tensor,
+                                  counts: torch.Tensor, logit_sum: torch.Tensor,
+                                  logit_gram: torch.Tensor, coselect: torch.Tensor) -> None:
+    """Accumulates UNCURL's router statistics in place (all four float64), returns None.
+
+    z = router_logits in float64; S [T, E] float64, ``S[t, i]`` = the number of occurrences of
+    expert i in ``topk_ids[t]`` (duplicates count once each). Then ``counts += S.sum(0)``,
+    ``logit_sum += z.sum(0)``, ``logit_gram += z.T @ z``, ``coselect += S.T @ S``.
+
+    Parameters
+    ----------
+    router_logits : Tensor [T, E] float32, float16 or bfloat16
+    topk_ids : Tensor [T, k] int32 or int64, 1 <= k <= E, values in [0, E)
+    counts, logit_sum : Tensor [E] float64, contiguous, mutated
+    logit_gram, coselect : Tensor [E, E] float64, contiguous, mutated
+    """
+    check_router_stats_update_args(router_logits, topk_ids, counts, logit_sum, logit_gram,
+                                   coselect)
+    T, E = router_logits.shape
+    if T == 0:
+        return
+    z = router_logits.to(torch.float64)
+    S = torch.zeros(T, E, dtype=torch.float64, device=z.device)
+    S.scatter_add_(1, topk_ids.long(), torch.ones(topk_ids.shape, dtype=torch.float64,
+                                                  device=z.device))
+    counts.add_(S.sum(0))
+    logit_sum.add_(z.sum(0))
+    logit_gram.add_(z.T @ z)
+    coselect.add_(S.T @ S)
 
 
 def check_route_topk_args(router_logits, top_k, scoring="softmax", renormalize=False,

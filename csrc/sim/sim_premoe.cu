@@ -1,7 +1,8 @@
 // Simulator runner for the PreMoe ops: each case directory names an op and holds its arguments
 // (csrc/sim/sim_io.h); the op runs through the same header entry points as the CUDA glue in
-// csrc/cuda/moe_route.cu and csrc/cuda/moe_gemm.cu (TcessUpdateLaunch, RouteTopkLaunch,
-// MoeAlignLaunch, ExpertGemmLaunch, MoeForwardLaunch with MakeMoeForwardPlan), with the same
+// csrc/cuda/moe_route.cu, csrc/cuda/router_stats.cu and csrc/cuda/moe_gemm.cu (TcessUpdateLaunch,
+// RouterStatsLaunch, RouteTopkLaunch, MoeAlignLaunch, ExpertGemmLaunch, MoeForwardLaunch with
+// MakeMoeForwardPlan), with the same
 // output allocation (at::empty -> kGarbage, at::zeros -> kZero) and workspace sizes.
 //
 // Strided router logits: tests/sim/sim_premoe.py sends the smallest flat span of storage that
@@ -13,6 +14,7 @@
 #include "sim_io.h"
 #include "tasksieve/expert_gemm.cuh"
 #include "tasksieve/moe_route.cuh"
+#include "tasksieve/router_stats.cuh"
 
 namespace tasksieve {
 namespace sim {
@@ -31,6 +33,27 @@ void tcess_update(Case& c) {
                           c.i("s1"), c.i("top_k"), static_cast<float>(c.f("r")),
                           acc.ptr<double>(), count.ptr<int64_t>(), ws, ws_bytes, 0),
         "TcessUpdateLaunch");
+}
+
+// router_stats_update(router_logits, topk_ids, counts, logit_sum, logit_gram, coselect) ->
+// the four accumulators, updated in place. topk_ids arrives contiguous (the glue's
+// .contiguous()); the workspace is the glue's at::empty.
+void router_stats_update(Case& c) {
+  Tensor& logits = c.in("router_logits");
+  Tensor& ids = c.in("topk_ids");
+  Tensor& counts = c.inout("counts");
+  Tensor& logit_sum = c.inout("logit_sum");
+  Tensor& logit_gram = c.inout("logit_gram");
+  Tensor& coselect = c.inout("coselect");
+  const int64_t Tn = c.i("Tn"), E = c.i("E");
+  if (Tn == 0) return;  // the glue returns before the launch
+  const size_t ws_bytes = RouterStatsWorkspaceBytes(Tn, E);
+  void* ws = c.scratch(ws_bytes, Init::kGarbage);
+  check(RouterStatsLaunch(float_dtype(logits.dtype), ids.dtype == "i64", logits.dev, Tn, E,
+                          c.i("s0"), c.i("s1"), ids.dev, ids.size(1), counts.ptr<double>(),
+                          logit_sum.ptr<double>(), logit_gram.ptr<double>(),
+                          coselect.ptr<double>(), ws, ws_bytes, 0),
+        "RouterStatsLaunch");
 }
 
 // route_topk(...) -> (topk_weights fp32 [Tn, k], topk_ids int32 [Tn, k]), both at::empty.
@@ -118,6 +141,7 @@ void moe_forward(Case& c) {
 void dispatch(Case& c) {
   const std::string& op = c.op();
   if (op == "tcess_update") return tcess_update(c);
+  if (op == "router_stats_update") return router_stats_update(c);
   if (op == "route_topk") return route_topk(c);
   if (op == "moe_align") return moe_align(c);
   if (op == "expert_gemm") return expert_gemm(c);

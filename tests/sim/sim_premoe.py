@@ -34,6 +34,18 @@ def tcess_update(router_logits: torch.Tensor, top_k: int, r: float, acc: torch.T
                                  "r": float(r), "acc": acc.contiguous(), "count": count})
 
 
+@register(FAMILY, "router_stats_update")
+def router_stats_update(router_logits: torch.Tensor, topk_ids: torch.Tensor, counts: torch.Tensor,
+                        logit_sum: torch.Tensor, logit_gram: torch.Tensor,
+                        coselect: torch.Tensor) -> Case:
+    # Returns (counts, logit_sum, logit_gram, coselect) updated; the caller copies them back (the
+    # op mutates in place). The glue requires contiguous accumulators and makes topk_ids
+    # contiguous.
+    return Case("router_stats_update", {
+        **_logits_args(router_logits), "topk_ids": topk_ids.contiguous(), "counts": counts,
+        "logit_sum": logit_sum, "logit_gram": logit_gram, "coselect": coselect})
+
+
 @register(FAMILY, "route_topk")
 def route_topk(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
                renormalize: bool = False, keep_mask: Optional[torch.Tensor] = None,

@@ -2,9 +2,9 @@
 inputs and against fp64 references.
 
 Every case of the family runs in ONE simulator process (the module fixture ``sim``), except
-tcess_update's (fixture ``sim_tcess``: the first calls, then the second call of each chain on
-their outputs, in a second process): the simulator parses the runner's
-PTX once per process and that start-up dominates.
+tcess_update's and router_stats_update's (fixtures ``sim_tcess``, ``sim_rstats``: the first
+calls, then the second call of each chain on their outputs, in a second process): the simulator
+parses the runner's PTX once per process and that start-up dominates.
 
 Integer outputs (route_topk ids, moe_align's layout, tcess count) must equal the CPU op's
 exactly: both sides rank by the same 64-bit key (moe_index.h: higher score first, ties to the
@@ -101,6 +101,53 @@ def _tcess_cases():
         zt = _logits(g, 9, 12, dt).t().contiguous().t()
         out.append((f"{n} strided T=9 E=12 k=4 r=0", zt, _logits(g, 9, 12, dt).t().contiguous().t(),
                     4, 0.0))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# router_stats_update
+# ---------------------------------------------------------------------------------------------
+
+def _rs_ids(g, T, E, k, distinct, id_dtype):
+    ids = (torch.rand(T, E, generator=g).argsort(dim=-1)[:, :k] if distinct
+           else torch.randint(0, E, (T, k), generator=g))
+    return ids.to(id_dtype)
+
+
+def _rs_cases():
+    """(label, (logits, ids) of call 1, (logits, ids) of call 2). Logits: randn * 3 in the
+    dtype (fp64 products of them are exact, only the summation order differs)."""
+    g = torch.Generator().manual_seed(3)
+    out = []
+
+    def z(T, E, dt):
+        return (torch.randn(T, E, generator=g) * 3).to(dt)
+
+    for dt in ROUTE_DTYPES:
+        n = _name(dt)
+        for (T, T2, E, k, distinct, idt, note) in [
+            (1, 1, 1, 1, True, torch.int64, ""),
+            (7, 5, 3, 2, False, torch.int32, " repeats"),
+            (130, 7, 33, 8, True, torch.int64, " (2 chunks, partial tiles)"),
+            (200, 64, 16, 4, False, torch.int32, " repeats (3 chunks)"),
+            (0, 3, 5, 2, True, torch.int64, " (T = 0 first)"),
+        ]:
+            out.append((f"{n} T={T},{T2} E={E} k={k} {_name(idt)}{note}",
+                        (z(T, E, dt), _rs_ids(g, T, E, k, distinct, idt)),
+                        (z(T2, E, dt), _rs_ids(g, T2, E, k, distinct, idt))))
+        # strided logits (a transposed view), non-contiguous ids
+        zt = z(9, 12, dt).t().contiguous().t()
+        it = _rs_ids(g, 9, 12, 3, True, torch.int64).t().contiguous().t()
+        out.append((f"{n} strided T=9 E=12 k=3", (zt, it), (z(4, 12, dt), it[:4])))
+        # ids outside [0, E): skipped by the kernel (the CPU op raises)
+        bad = _rs_ids(g, 6, 8, 3, True, torch.int32)
+        bad[0, 1], bad[2, 0], bad[5, 2] = 8, -1, 2**31 - 1
+        out.append((f"{n} out-of-range ids skipped T=6 E=8 k=3", (z(6, 8, dt), bad),
+                    (z(2, 8, dt), bad[:2])))
+    # one larger E: 2x2 tiles of 32
+    out.append(("float32 T=70,9 E=64 k=8 int64",
+                (z(70, 64, torch.float32), _rs_ids(g, 70, 64, 8, True, torch.int64)),
+                (z(9, 64, torch.float32), _rs_ids(g, 9, 64, 8, True, torch.int64))))
     return out
 
 
@@ -391,6 +438,27 @@ def sim_tcess():
     return list(zip(tc, first, run_many(calls2)))
 
 
+def _rs_acc0(E):
+    """Nonzero starting accumulators (counts, logit_sum, logit_gram, coselect); the matrices
+    symmetric, as sums of earlier calls are."""
+    g = torch.Generator().manual_seed(E)
+    gram = torch.randn(E, E, generator=g, dtype=torch.float64)
+    cosel = torch.randint(0, 4, (E, E), generator=g).double()
+    return [torch.randint(0, 4, (E,), generator=g).double(),
+            torch.randn(E, generator=g, dtype=torch.float64), gram + gram.T, cosel + cosel.T]
+
+
+@pytest.fixture(scope="module")
+def sim_rstats():
+    rc = _rs_cases()
+    first = run_many([("router_stats_update", (z1, i1, *_rs_acc0(z1.shape[1])), {})
+                      for (_, (z1, i1), _) in rc])
+    # the second call of every chain, on the simulator's own first result
+    second = run_many([("router_stats_update", (z2, i2, *r1.unwrap()), {})
+                       for (_, _, (z2, i2)), r1 in zip(rc, first)])
+    return list(zip(rc, first, second))
+
+
 def _dtype_of(label: str) -> str:
     return label.split()[0]
 
@@ -426,6 +494,57 @@ def test_tcess_update(sim_tcess):
             assert_equal("tcess_update", f"{label} {call} count", got_count, count,
                          dtype=z.dtype)
             outs.append(got_acc)
+
+
+def _rs_valid(ids, E):
+    """ids with the out-of-range entries dropped, as S [T, E] float64 (what the kernel counts)."""
+    ok = (ids >= 0) & (ids < E)
+    S = torch.zeros(ids.shape[0], E, dtype=torch.float64)
+    S.scatter_add_(1, torch.where(ok, ids.long(), 0), ok.double())
+    return S
+
+
+def test_router_stats_update(sim_rstats):
+    names = ("counts", "logit_sum", "logit_gram", "coselect")
+    for (label, *calls), *results in sim_rstats:
+        E = calls[0][0].shape[1]
+        cpu = _rs_acc0(E)  # the CPU op's chain (valid ids) or a direct fp64 computation
+        abs_sum, abs_gram = cpu[1].abs(), cpu[2].abs()
+        for n_call, ((z, ids), res) in enumerate(zip(calls, results), 1):
+            got = res.unwrap()
+            zd = z.double()
+            valid = bool(((ids >= 0) & (ids < E)).all())
+            if valid:
+                OPS.router_stats_update.default(z, ids, *cpu)  # CPU op, in place
+                if n_call == 1:
+                    want = _rs_acc0(E)
+                    ref.reference_router_stats_update(z, ids, *want)
+            else:  # the contract with the bad slots dropped
+                S = _rs_valid(ids, E)
+                for a, d in zip(cpu, (S.sum(0), zd.sum(0), zd.T @ zd, S.T @ S)):
+                    a.add_(d)
+                want = None
+            abs_sum = abs_sum + zd.abs().sum(0)
+            abs_gram = abs_gram + zd.abs().T @ zd.abs()
+            case = f"{label} call {n_call}"
+            for name, g_, c_ in zip(names, got, cpu):
+                assert g_.shape == c_.shape and g_.dtype == torch.float64, (case, name)
+            # counts and coselect: integers, exact
+            assert_equal("router_stats_update", f"{case} counts", got[0], cpu[0], dtype=z.dtype)
+            assert_equal("router_stats_update", f"{case} coselect", got[3], cpu[3], dtype=z.dtype)
+            # sums of the same exact fp64 products in another order (chunks, then chunks in
+            # order, FMA on the device; token order on the CPU): within 1e-12 of sum |terms|
+            for name, g_, c_, b in (("logit_sum", got[1], cpu[1], abs_sum),
+                                    ("logit_gram", got[2], cpu[2], abs_gram)):
+                assert_close_tol("router_stats_update", f"{case} {name} vs CPU", g_, c_,
+                                 atol=1e-12 * float(b.max()), dtype=z.dtype)
+                assert ((g_ - c_).abs() <= 1e-12 * b).all(), f"{case} {name} elementwise"
+            assert torch.equal(got[2], got[2].T) and torch.equal(got[3], got[3].T), case
+            if want is not None and n_call == 1:
+                assert torch.equal(got[0], want[0]) and torch.equal(got[3], want[3]), case
+                for i in (1, 2):
+                    assert ((got[i] - want[i]).abs() <= 1e-12 * (abs_sum, abs_gram)[i - 1]
+                            ).all(), f"{case} {names[i]} vs reference"
 
 
 @pytest.mark.parametrize("dtype", ROUTE_DTYPES, ids=_name)

@@ -7,9 +7,9 @@
 // Every id is checked before anything is updated (an error names topk_ids and the offending
 // position; the CUDA kernel skips such ids instead). The integer statistics (counts, coselect)
 // are counted exactly in int64; the float ones are summed in fp64 in token order, each element
-// on its own (deterministic, independent of the thread count): the logits are converted to fp64
-// a block of tokens at a time, and the rows i of the Gram matrix are shared out between threads,
-// each row summing z[t, i] * z[t, j] for j >= i (the mirror j < i is the same sum of the same
+// on its own (deterministic, independent of the thread count): the rows i of the Gram matrix are
+// shared out between threads, each converting the logits to fp64 a block of tokens at a time and
+// summing z[t, i] * z[t, j] for j >= i over its rows (the mirror j < i is the same sum of the same
 // products in the same order, so the result is exactly symmetric).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -52,6 +52,9 @@ void count_selections(const Id* ids, int64_t T, int64_t k, int64_t E, double* co
 // ends alternately, so that each contiguous range of q has about the same triangle work.
 inline int64_t balanced_row(int64_t q, int64_t E) { return (q % 2 == 0) ? q / 2 : E - 1 - q / 2; }
 
+// Below this many multiply-adds (T * E * E / 2) the sums run on the calling thread.
+constexpr int64_t kSerialWork = int64_t{1} << 18;
+
 template <typename T>
 void sum_logits(const at::Tensor& logits, double* logit_sum, double* logit_gram) {
   const int64_t Tn = logits.size(0), E = logits.size(1);
@@ -59,15 +62,19 @@ void sum_logits(const at::Tensor& logits, double* logit_sum, double* logit_gram)
   const T* base = logits.const_data_ptr<T>();
   // Running sums from 0 in token order; added to the accumulators at the end.
   std::vector<double> gram(static_cast<size_t>(E * E), 0.0), sum(static_cast<size_t>(E), 0.0);
-  std::vector<double> zb(static_cast<size_t>(std::min(Tn, kTokenBlock) * E));
-  for (int64_t t0 = 0; t0 < Tn; t0 += kTokenBlock) {
-    const int64_t nb = std::min(kTokenBlock, Tn - t0);
-    for (int64_t t = 0; t < nb; ++t) {
-      const T* src = base + (t0 + t) * s0;
-      double* dst = zb.data() + t * E;
-      for (int64_t e = 0; e < E; ++e) dst[e] = static_cast<double>(static_cast<float>(src[e * s1]));
-    }
-    at::parallel_for(0, E, 1, [&](int64_t q0, int64_t q1) {
+  // One parallel region: each thread owns a set of rows q0..q1 and walks every token block,
+  // converting it to fp64 itself (T*E conversions per thread against T*E*E/2 multiply-adds in
+  // all), so no barrier per block.
+  auto rows = [&](int64_t q0, int64_t q1) {
+    std::vector<double> zb(static_cast<size_t>(std::min(Tn, kTokenBlock) * E));
+    for (int64_t t0 = 0; t0 < Tn; t0 += kTokenBlock) {
+      const int64_t nb = std::min(kTokenBlock, Tn - t0);
+      for (int64_t t = 0; t < nb; ++t) {
+        const T* src = base + (t0 + t) * s0;
+        double* dst = zb.data() + t * E;
+        for (int64_t e = 0; e < E; ++e)
+          dst[e] = static_cast<double>(static_cast<float>(src[e * s1]));
+      }
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t i = balanced_row(q, E);
         double* row = gram.data() + i * E;
@@ -80,7 +87,12 @@ void sum_logits(const at::Tensor& logits, double* logit_sum, double* logit_gram)
         }
         sum[i] = s;
       }
-    });
+    }
+  };
+  if (Tn * E * E / 2 < kSerialWork) {
+    rows(0, E);
+  } else {
+    at::parallel_for(0, E, 1, rows);
   }
   for (int64_t i = 0; i < E; ++i) {
     logit_sum[i] += sum[i];

@@ -1,5 +1,5 @@
-"""PreMoe routing benchmark rows: route_topk, moe_align and tcess_update vs the torch glue a user
-would otherwise write (the same work in plain torch ops, no host sync).
+"""PreMoe routing benchmark rows: route_topk, moe_align, tcess_update and router_stats_update vs
+the torch glue a user would otherwise write (the same work in plain torch ops, no host sync).
 
 Shapes: T tokens in {16 (decode), 8192 (prefill)} x E experts in {8 (Mixtral, k 2), 64 (OLMoE,
 k 8), 128 (Qwen3-MoE, k 8)}. Rows per shape:
@@ -10,6 +10,9 @@ k 8), 128 (Qwen3-MoE, k 8)}. Rows per shape:
                  scatter + searchsorted for the tile experts, all on the device.
 3. tcess_update  k = the shape's k, r = -1 (every selected expert), vs topk + softmax +
                  index_add_ into the fp64 accumulator.
+4. router_stats_update  UNCURL's statistics of the route_topk ids (counts, logit sums, fp64
+                 Gram matrix z^T z, co-selection S^T S), vs the reference's math without its
+                 checks: z.double(), one-hot S by scatter_add_, two fp64 matmuls, four add_.
 
 CPU: fp32 logits. GPU: bf16 logits. The check column compares with tasksieve.reference (ids and
 alignment exact, weights / sums within tolerance).
@@ -87,11 +90,23 @@ def torch_tcess(z, k, r, acc, count):
     count += z.shape[0]
 
 
+def torch_router_stats(z, ids, counts, logit_sum, logit_gram, coselect):
+    """reference_router_stats_update's math without its argument checks (whose id range check
+    reads the ids on the host)."""
+    zd = z.double()
+    S = torch.zeros(zd.shape, dtype=torch.float64, device=zd.device)
+    S.scatter_add_(1, ids.long(), torch.ones(ids.shape, dtype=torch.float64, device=zd.device))
+    counts.add_(S.sum(0))
+    logit_sum.add_(zd.sum(0))
+    logit_gram.add_(zd.T @ zd)
+    coselect.add_(S.T @ S)
+
+
 def run_shape(ctx, s: Shape) -> list[dict]:
     from tasksieve import ops
     from tasksieve.evaluation.bench import kernel_label, make_row
     from tasksieve.reference import (reference_moe_align, reference_route_topk,
-                                     reference_tcess_update)
+                                     reference_router_stats_update, reference_tcess_update)
 
     dev = ctx.device
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
@@ -154,6 +169,32 @@ def run_shape(ctx, s: Shape) -> list[dict]:
                          nbytes=s.T * s.E * elt, ceiling="copy",
                          check=f"max rel err {rel:.1e}" + ("" if ok else " MISMATCH"),
                          note="r = -1 (every selected expert), fp64 accumulator", **common))
+
+    # 4. router_stats_update -------------------------------------------------------------------
+    def zeros4():
+        return [torch.zeros(*sh, dtype=torch.float64, device=dev)
+                for sh in ((s.E,), (s.E,), (s.E, s.E), (s.E, s.E))]
+
+    acc, eacc, gacc = zeros4(), zeros4(), zeros4()
+    ops.router_stats_update(z, ids, *acc)
+    reference_router_stats_update(z, ids, *eacc)
+    torch_router_stats(z, ids, *gacc)
+    za = z.double().abs()
+    scale = (za.T @ za).clamp_min(1e-300)  # sum of |terms| per Gram element
+    rel = max(((acc[1] - eacc[1]).abs() / za.sum(0).clamp_min(1e-300)).max().item(),
+              ((acc[2] - eacc[2]).abs() / scale).max().item())
+    ok = (rel < 1e-12 and torch.equal(acc[0], eacc[0]) and torch.equal(acc[3], eacc[3])
+          and all(torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(gacc, eacc)))
+    t_op = ctx.time(lambda: ops.router_stats_update(z, ids, *acc))
+    t_base = ctx.time(lambda: torch_router_stats(z, ids, *gacc))
+    rows.append(make_row(ctx, case="router_stats_update", impl="ops.router_stats_update",
+                         t=t_op, baseline="torch fp64 z.T@z + one-hot S.T@S", t_base=t_base,
+                         kernel=kernel_label("router_stats_update", dev),
+                         nbytes=s.T * s.E * elt + s.T * s.k * 4 + 2 * (2 * s.E * s.E + 2 * s.E) * 8,
+                         flops=2.0 * s.T * s.E * s.E,
+                         check=("counts/coselect exact, sums max err/sum|terms| "
+                                f"{rel:.1e}") + ("" if ok else " MISMATCH"),
+                         note="ids from route_topk; fp64 sums, deterministic", **common))
     return rows
 
 

@@ -488,7 +488,8 @@ def test_bench_family_rows_check_out():
     mod = bench.load_family("moe_route")
     ctx = bench.make_context("cpu", quick=True, ceilings={}, log=lambda *a: None)
     rows = mod.run(ctx, shapes=[dict(T=5, E=8, k=2), dict(T=33, E=12, k=4)])
-    assert [r["case"] for r in rows] == ["route_topk", "moe_align", "tcess_update"] * 2
+    assert [r["case"] for r in rows] == ["route_topk", "moe_align", "tcess_update",
+                                         "router_stats_update"] * 2
     for r in rows:
         assert "MISMATCH" not in r["check"] and "differs" not in r["check"], r
         assert r["ms"] > 0 and r["base_ms"] > 0

@@ -85,14 +85,13 @@ def _kmeans(points: torch.Tensor, k: int, gen: torch.Generator, n_init: int, ite
             if labels is not None and torch.equal(new, labels):
                 break
             labels = new
-            for j in range(k):
-                members = labels == j
-                if members.any():
-                    c[j] = points[members].mean(dim=0)
-                else:  # an empty cluster takes the point farthest from its centre
-                    far = int((points - c[labels]).norm(dim=1).argmax())
-                    c[j] = points[far]
-                    labels[far] = j
+            sizes = torch.bincount(labels, minlength=k)
+            sums = torch.zeros_like(c).index_add_(0, labels, points)
+            c = torch.where(sizes[:, None] > 0, sums / sizes.clamp(min=1)[:, None].to(points.dtype), c)
+            for j in (sizes == 0).nonzero().flatten().tolist():  # an empty cluster takes the farthest point
+                far = int((points - c[labels]).norm(dim=1).argmax())
+                c[j] = points[far]
+                labels[far] = j
         inertia = float(((points - c[labels]) ** 2).sum())
         if inertia < best_inertia - 1e-12:
             best, best_inertia = labels.clone(), inertia

@@ -36,8 +36,8 @@ def tcess_update(router_logits: torch.Tensor, top_k: int, r: float, acc: torch.T
     r : float
         Probability threshold (not NaN).
     acc : Tensor [E] float64
-        Running sums, mutated; same device. On CUDA the sums use float64 atomics, so the last
-        bits may differ from run to run.
+        Running sums, mutated; same device. Deterministic on CPU and CUDA (the CUDA kernel adds
+        per-warp fp64 sums block by block in a fixed order, no atomics).
     count : Tensor [1] int64
         Running token count, mutated; same device.
     """

@@ -290,42 +290,35 @@ def _add_premoe_parsers(sub) -> None:
     pr.add_argument("--no-progress", action="store_true")
 
     pn = sub.add_parser("prune", help="PreMoe: retrieve a task pattern, prune the experts, export a smaller HF model")
-    pn.add_argument("--model", required=True, help=model_help)
-    pn.add_argument("--store", required=True, help="pattern store written by tasksieve profile")
-    pn.add_argument("--keep", type=_keep_arg, default=0.5,
-                    help="experts kept per MoE layer: ratio in (0, 1] or a count (default 0.5)")
-    how = pn.add_mutually_exclusive_group(required=True)
-    how.add_argument("--prompt", help="retrieve the nearest task for this prompt")
-    how.add_argument("--task", dest="task_name", help="use this stored task")
-    pn.add_argument("--top-k", type=_positive_int, default=None,
-                    help="experts per token after pruning (default: the router's; needed when --keep is smaller)")
-    pn.add_argument("--out", required=True, help="output folder of the pruned HF checkpoint")
-    pn.add_argument("--dtype", choices=_DTYPES, default="float32")
-    pn.add_argument("--device", default="cpu")
-
+    _add_reduce_args(pn, model_help, "kept", "pruning", "pruned")
     mg = sub.add_parser("merge", help="UNCURL: merge each MoE layer's experts by a task's router statistics, "
                                       "export a smaller HF model")
-    mg.add_argument("--model", required=True, help=model_help)
-    mg.add_argument("--store", required=True, help="pattern store written by tasksieve profile")
-    mg.add_argument("--keep", type=_keep_arg, default=0.5,
-                    help="experts after merging per MoE layer: ratio in (0, 1] or a count (default 0.5)")
-    how = mg.add_mutually_exclusive_group(required=True)
-    how.add_argument("--prompt", help="retrieve the nearest task for this prompt")
-    how.add_argument("--task", dest="task_name", help="use this stored task")
-    mg.add_argument("--top-k", type=_positive_int, default=None,
-                    help="experts per token after merging (default: the router's; needed when --keep is smaller)")
+    _add_reduce_args(mg, model_help, "after merging", "merging", "merged")
     mg.add_argument("--affinity", choices=("logits", "coselect"), default="logits",
                     help="expert similarity: router-logit correlation (default, UNCURL) or co-selection (ablation)")
     mg.add_argument("--no-align", action="store_true", help="average without aligning hidden units (ablation)")
     mg.add_argument("--seed", type=int, default=0, help="k-means seed of the spectral clustering")
-    mg.add_argument("--out", required=True, help="output folder of the merged HF checkpoint")
-    mg.add_argument("--dtype", choices=_DTYPES, default="float32")
-    mg.add_argument("--device", default="cpu")
 
     ex = sub.add_parser("export", help="save a model (e.g. tiny:mixtral) as a HF checkpoint folder")
     ex.add_argument("--model", required=True, help=model_help)
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--dtype", choices=_DTYPES, default="float32")
+
+
+def _add_reduce_args(p, model_help: str, kept: str, doing: str, done: str) -> None:
+    """Arguments shared by ``prune`` and ``merge``: model, store, keep, task or prompt, top-k, output."""
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--store", required=True, help="pattern store written by tasksieve profile")
+    p.add_argument("--keep", type=_keep_arg, default=0.5,
+                   help=f"experts {kept} per MoE layer: ratio in (0, 1] or a count (default 0.5)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--prompt", help="retrieve the nearest task for this prompt")
+    how.add_argument("--task", dest="task_name", help="use this stored task")
+    p.add_argument("--top-k", type=_positive_int, default=None,
+                   help=f"experts per token after {doing} (default: the router's; needed when --keep is smaller)")
+    p.add_argument("--out", required=True, help=f"output folder of the {done} HF checkpoint")
+    p.add_argument("--dtype", choices=_DTYPES, default="float32")
+    p.add_argument("--device", default="cpu")
 
 
 def _premoe_model(args):
@@ -350,30 +343,22 @@ def _premoe(args) -> int:
             path = store.save(args.out)
             print(f"profiled {', '.join(f'{t} ({store.tokens[t]} tokens)' for t in store.tasks)} in "
                   f"{time.perf_counter() - t0:.1f} s; wrote {path}")
-        elif args.command == "prune":
+        elif args.command in ("prune", "merge"):
             store = premoe.PatternStore.load(args.store, model=model, tokenizer=tok)
             if args.prompt is not None:
                 pattern = store.retrieve(args.prompt)
                 print(f"retrieved task {pattern.task!r} (L2 distance {pattern.distance:.4g}; tasks {store.tasks})")
+            elif args.task_name not in store:
+                raise ValueError(f"--task: {args.task_name!r} is not in the store (tasks: {store.tasks})")
             else:
                 pattern = store[args.task_name]
-            report = premoe.prune(model, pattern, keep=args.keep, top_k=args.top_k)
-            out = premoe.export(model, args.out, tok)
-            print(report)
-            print(f"wrote {out}")
-        elif args.command == "merge":
-            from .integrations.hf.uncurl import merge
+            if args.command == "prune":
+                report = premoe.prune(model, pattern, keep=args.keep, top_k=args.top_k)
+            else:
+                from .integrations.hf.uncurl import merge
 
-            store = premoe.PatternStore.load(args.store, model=model, tokenizer=tok)
-            if args.prompt is not None:
-                pattern = store.retrieve(args.prompt)
-                print(f"retrieved task {pattern.task!r} (L2 distance {pattern.distance:.4g}; tasks {store.tasks})")
-            else:
-                if args.task_name not in store:
-                    raise ValueError(f"--task: {args.task_name!r} is not in the store (tasks: {store.tasks})")
-                pattern = store[args.task_name]
-            report = merge(model, pattern, keep=args.keep, top_k=args.top_k, affinity=args.affinity,
-                           align=not args.no_align, seed=args.seed)
+                report = merge(model, pattern, keep=args.keep, top_k=args.top_k, affinity=args.affinity,
+                               align=not args.no_align, seed=args.seed)
             out = premoe.export(model, args.out, tok)
             print(report)
             print(f"wrote {out}")

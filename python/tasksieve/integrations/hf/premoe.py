@@ -351,13 +351,17 @@ class PruneReport:
     def param_ratio(self) -> float:
         return self.param_bytes_after / self.param_bytes_before
 
-    def __str__(self) -> str:
+    def summary(self, what: str, extra: str = "") -> str:
+        """One line: ``what`` (task), experts per layer before/after, parameter and expert bytes."""
         m = self.num_experts_after
         ms = str(m[0]) if len(set(m)) == 1 else f"{min(m)}-{max(m)}"
-        return (f"PreMoe prune (task {self.task!r}): {ms}/{self.num_experts_before} experts per MoE layer over "
-                f"{len(self.kept)} layers; parameters {self.param_bytes_before / 2**20:.2f} MiB -> "
+        return (f"{what} (task {self.task!r}): {ms}/{self.num_experts_before} experts per MoE layer over "
+                f"{len(m)} layers{extra}; parameters {self.param_bytes_before / 2**20:.2f} MiB -> "
                 f"{self.param_bytes_after / 2**20:.2f} MiB ({100 * self.param_ratio:.1f}%); experts "
                 f"{self.expert_bytes_before / 2**20:.2f} MiB -> {self.expert_bytes_after / 2**20:.2f} MiB")
+
+    def __str__(self) -> str:
+        return self.summary("PreMoe prune")
 
 
 def _param_bytes(module: nn.Module) -> int:

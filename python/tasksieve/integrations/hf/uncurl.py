@@ -15,17 +15,16 @@ experts per layer: ``tasksieve.premoe.export`` writes it as a standard checkpoin
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ...methods.premoe import Pattern, PatternStore, _is_int, check_keep
+from ...methods.premoe import Pattern, PatternStore, _is_int, keep_counts
 from ...methods.uncurl import AFFINITIES, CLUSTERINGS, WEIGHTINGS, MergePlan, merge_experts, plan_merge
 from . import moe as hf_moe
-from .premoe import _param_bytes, check_fits
+from .premoe import PruneReport, _param_bytes, check_fits
 
 __all__ = ["merge", "MergeReport", "is_merged"]
 
@@ -38,41 +37,23 @@ def is_merged(model) -> bool:
 
 
 @dataclass
-class MergeReport:
-    """What :func:`merge` did.
+class MergeReport(PruneReport):
+    """What :func:`merge` did: :class:`~tasksieve.integrations.hf.premoe.PruneReport`'s fields, where ``kept[l][j]``
+    lists the original expert ids merged into expert j of MoE layer l (also as ``groups``), plus the top-k before
+    and after and the :class:`~tasksieve.methods.uncurl.MergePlan`."""
 
-    ``groups[l][j]``: original expert ids merged into expert j of MoE layer l. Bytes count every parameter once.
-    """
-
-    task: Optional[str]
-    groups: list
-    num_experts_before: int
-    top_k_before: int
-    top_k_after: int
-    param_bytes_before: int
-    param_bytes_after: int
-    expert_bytes_before: int
-    expert_bytes_after: int
-    plan: MergePlan = field(repr=False, default=None)
-    moe_layers: list = field(default_factory=list)
+    top_k_before: int = 0
+    top_k_after: int = 0
+    plan: Optional[MergePlan] = field(repr=False, default=None)
 
     @property
-    def num_experts_after(self) -> list[int]:
-        return [len(g) for g in self.groups]
-
-    @property
-    def param_ratio(self) -> float:
-        return self.param_bytes_after / self.param_bytes_before
+    def groups(self) -> list:
+        return self.kept
 
     def __str__(self) -> str:
-        m = self.num_experts_after
-        ms = str(m[0]) if len(set(m)) == 1 else f"{min(m)}-{max(m)}"
-        sizes = sorted({len(g) for layer in self.groups for g in layer})
-        return (f"UNCURL merge (task {self.task!r}): {ms}/{self.num_experts_before} experts per MoE layer over "
-                f"{len(self.groups)} layers (groups of {sizes[0]}-{sizes[-1]}), top-k {self.top_k_before} -> "
-                f"{self.top_k_after}; parameters {self.param_bytes_before / 2**20:.2f} MiB -> "
-                f"{self.param_bytes_after / 2**20:.2f} MiB ({100 * self.param_ratio:.1f}%); experts "
-                f"{self.expert_bytes_before / 2**20:.2f} MiB -> {self.expert_bytes_after / 2**20:.2f} MiB")
+        sizes = sorted({len(g) for layer in self.kept for g in layer})
+        return self.summary("UNCURL merge", f" (groups of {sizes[0]}-{sizes[-1]}), top-k {self.top_k_before} -> "
+                                            f"{self.top_k_after}")
 
 
 def _resolve_pattern(store_or_pattern, task, prompt, tokenizer, model) -> Pattern:
@@ -99,17 +80,7 @@ def _resolve_pattern(store_or_pattern, task, prompt, tokenizer, model) -> Patter
 
 
 def _merge_counts(keep, num_layers: int, num_experts: int, top_k: int, new_top_k: Optional[int]) -> tuple:
-    check_keep(keep, "keep")
-    items = list(keep) if isinstance(keep, (list, tuple)) else [keep] * num_layers
-    if len(items) != num_layers:
-        raise ValueError(f"keep: expected one value per MoE layer ({num_layers}), got {len(items)}")
-    counts = []
-    for i, item in enumerate(items):
-        m = item if _is_int(item) else math.ceil(item * num_experts - 1e-9)
-        name = "keep" if not isinstance(keep, (list, tuple)) else f"keep[{i}]"
-        if m > num_experts:
-            raise ValueError(f"{name}={item!r} asks for {m} experts, but the layer has {num_experts}")
-        counts.append(int(m))
+    counts = keep_counts(keep, num_layers, num_experts, 1)  # ratio/count/sequence checks and M <= E
     if new_top_k is None:
         if min(counts) < top_k:
             raise ValueError(f"keep={keep!r} leaves {min(counts)} experts in a layer, fewer than the router's top_k "
@@ -234,9 +205,8 @@ def merge(model, store_or_pattern, keep=0.5, *, task: Optional[str] = None, prom
     cfg.tasksieve_merge = {"affinity": affinity, "clustering": clustering, "weighting": weighting, "align": align,
                            "seed": seed, "top_k_before": router_k}
     return MergeReport(
-        task=pattern.task, groups=plan.as_lists(), num_experts_before=n_exp, top_k_before=router_k,
-        top_k_after=new_k, param_bytes_before=before, param_bytes_after=_param_bytes(model),
-        expert_bytes_before=expert_before,
+        task=pattern.task, kept=plan.as_lists(), num_experts_before=n_exp, param_bytes_before=before,
+        param_bytes_after=_param_bytes(model), expert_bytes_before=expert_before,
         expert_bytes_after=sum(_param_bytes(getattr(s.block, conv["experts_attr"])) for s in sites),
-        plan=plan, moe_layers=[s.layer_idx for s in sites],
+        moe_layers=[s.layer_idx for s in sites], top_k_before=router_k, top_k_after=new_k, plan=plan,
     )

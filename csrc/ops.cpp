@@ -53,6 +53,30 @@ TORCH_LIBRARY(tasksieve, m) {
   m.def("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor block_idx, "
         "Tensor block_cnt, int block_size, float? scale=None, bool causal=True, "
         "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)");
+  // Paged-KV form (chunked prefill over vLLM's paged cache): the same math and outputs, keys
+  // and values read through a block table. k_cache, v_cache [num_pages, page_size, Hk, D] (same
+  // shape and dtype as q's; ANY strides except a contiguous last dim, so views of vLLM's caches
+  // pass with zero copies: flash-attn [2, pages, page, Hk, D] -> cache[0], cache[1]; the CPU
+  // backend's per-(page, head) K rows then V rows -> permuted halves, see
+  // tasksieve.ops.paged_kv_views). block_table int32 [S, max_pages]: key j of sequence s lives in
+  // page block_table[s, j // page_size], row j % page_size (entries past its ceil(nk_s /
+  // page_size) pages are never read); seq_lens_k int32 [S]: nk_s (context + this chunk),
+  // 0 <= nk_s <= max_pages * page_size. Queries: dense q [S, Nq, H, D] (every sequence's Nq
+  // queries are its last Nq positions, Nq <= nk_s), or packed q [1, total_q, H, D] with
+  // cu_seqlens_q int32 [S + 1] (0 = c[0] <= ... <= c[S] = total_q; sequence s's nq_s queries
+  // are rows c[s]..c[s+1], its last nq_s positions, nq_s <= nk_s). block_idx [S, H, nbq, max_k]
+  // / block_cnt [S, H, nbq] as above (nbq = ceil(Nq / bs) dense, nbq_max >= ceil(max nq_s / bs)
+  // packed; columns relative to the sequence's keys, block_size independent of page_size).
+  // -> out in q's layout and dtype, lse fp32 [S, H, Nq] (dense) / [1, H, total_q] (packed).
+  // The CPU op validates every value (used page ids in [0, num_pages), seq_lens_k, offsets,
+  // index entries) and raises; the CUDA op cannot without a host sync: it clamps seq_lens_k into
+  // [0, max_pages * page_size] (0 when num_pages = 0), page ids into [0, num_pages), offsets as
+  // the varlen form, nq_s to nk_s, skips bad columns, and starts from out 0 / lse -inf (never an
+  // out-of-bounds access; values for malformed inputs are unspecified).
+  m.def("block_sparse_attention_paged(Tensor q, Tensor k_cache, Tensor v_cache, "
+        "Tensor block_table, Tensor seq_lens_k, Tensor block_idx, Tensor block_cnt, "
+        "int block_size, float? scale=None, bool causal=True, Tensor? cu_seqlens_q=None) -> "
+        "(Tensor, Tensor)");
   // p, q [..., n] float (same shape; math fp32): Jensen-Shannon distance per row. Each row is
   // normalised to sum 1 (a row summing to 0 - fully masked - is uniform), clamped to >= eps and
   // renormalised (no 0 * log 0); D = sqrt(max(0, 1/2 sum p log(p/m) + 1/2 sum q log(q/m))),
@@ -72,6 +96,17 @@ TORCH_LIBRARY(tasksieve, m) {
   // zeros; Nk = 0 empty outputs. CUDA: block_size in {16, 32, 64, 128}.
   // -> (vertical, slash, estimate) fp32 [B, H, nb] each
   m.def("flex_estimate(Tensor q, Tensor k, int block_size, float? scale=None) -> "
+        "(Tensor, Tensor, Tensor)");
+  // Paged-KV form of flex_estimate: q, k_cache, block_table, seq_lens_k, cu_seqlens_q exactly
+  // as block_sparse_attention_paged (dense q [S, Nq, H, D] or packed [1, total_q, H, D] with
+  // cu_seqlens_q). Sequence s is flex_estimate on its queries and its nk_s gathered keys, in
+  // entries [0, nb_s) of its rows, nb_s = ceil(nk_s / bs); entries [nb_s, nb_max) are 0 in all
+  // three outputs (so is a sequence without queries or keys). nb_max = ceil(max_pages *
+  // page_size / bs) follows from the input sizes (no host sync; the fake is shape arithmetic).
+  // Validation and CUDA clamping as block_sparse_attention_paged. CUDA: block_size in
+  // {16, 32, 64, 128}. -> (vertical, slash, estimate) fp32 [S, H, nb_max] each
+  m.def("flex_estimate_paged(Tensor q, Tensor k_cache, Tensor block_table, Tensor seq_lens_k, "
+        "int block_size, float? scale=None, Tensor? cu_seqlens_q=None) -> "
         "(Tensor, Tensor, Tensor)");
   // FlexPrefill block selection, on the device, no host sync. q_len = Nq <= kv_len = Nk (queries
   // are the last Nq positions), bs = block_size, nb = ceil(Nk / bs) key blocks, nbq = ceil(Nq /

@@ -225,6 +225,65 @@ def _moe_forward_samples(device):
             ((x[:0], w13, w2, ids[:0], wts[:0]), {})]
 
 
+def _paged_problem(device, dtype, packed, layout, seed):
+    """q, k_cache, v_cache (views of one cache in `layout`), block_table with shuffled page ids
+    and garbage past the used pages, seq_lens_k, index, cu_seqlens_q: 3 sequences."""
+    g = _gen(seed)
+    nks, nqs, H, Hk, D, P, bs = [37, 20, 5], [3, 20, 0], 4, 2, 64, 3, 16
+    used = [-(-n // P) for n in nks]
+    pages = sum(used) + 1
+    if layout == "cpu_attn":
+        cache = torch.randn(pages, Hk, P, 2 * D, generator=g).to(dtype=dtype, device=device)
+    else:
+        cache = torch.randn(2, pages, P, Hk, D, generator=g).to(dtype=dtype, device=device)
+    kc, vc = ops.paged_kv_views(cache, layout, P, Hk, D)
+    perm = torch.randperm(pages, generator=g)
+    table = torch.full((3, max(used) + 1), 99, dtype=torch.int32)
+    at = 0
+    for s, u in enumerate(used):
+        table[s, :u] = perm[at:at + u].to(torch.int32)
+        at += u
+    lens = torch.tensor(nks, dtype=torch.int32)
+    if packed:
+        q = torch.randn(1, sum(nqs), H, D, generator=g)
+        cu = torch.tensor([0, 3, 23, 23], dtype=torch.int32).to(device)
+        nbq = 2
+    else:
+        q = torch.randn(3, 5, H, D, generator=g)
+        cu = None
+        nbq = 1
+    nbk = torch.tensor([-(-n // bs) for n in nks], dtype=torch.int32)
+    idx = torch.arange(3, dtype=torch.int32).expand(3, H, nbq, 3).contiguous()
+    cnt = (torch.rand(3, H, nbq, generator=g) * (nbk.view(3, 1, 1) + 1)).to(torch.int32)
+    return (q.to(dtype=dtype, device=device), kc, vc, table.to(device), lens.to(device),
+            idx.to(device), cnt.to(device), bs, cu)
+
+
+def _block_sparse_attention_paged_samples(device):
+    out = []
+    dtypes = [torch.float32, torch.bfloat16] if device == "cpu" else [torch.bfloat16,
+                                                                       torch.float16]
+    for i, (dtype, packed, layout) in enumerate([(dtypes[0], False, "cpu_attn"),
+                                                 (dtypes[1], True, "flash_attn"),
+                                                 (dtypes[0], True, "cpu_attn")]):
+        q, kc, vc, table, lens, idx, cnt, bs, cu = _paged_problem(device, dtype, packed, layout,
+                                                                  20 + i)
+        out.append(((q, kc, vc, table, lens, idx, cnt, bs), {"cu_seqlens_q": cu}))
+        out.append(((q, kc, vc, table, lens, idx, cnt, bs, 0.2, False, cu), {}))
+    return out
+
+
+def _flex_estimate_paged_samples(device):
+    out = []
+    for i, (dtype, packed, layout) in enumerate([(torch.float32, False, "flash_attn"),
+                                                 (torch.bfloat16, True, "cpu_attn")]):
+        q, kc, _, table, lens, _, _, bs, cu = _paged_problem(device, dtype, packed, layout,
+                                                             30 + i)
+        out.append(((q, kc, table, lens, bs), {"cu_seqlens_q": cu}))
+        out.append(((q, kc, table, lens, 32, 0.3, cu), {}))
+    return out
+
+
 SAMPLES = {
     "block_sparse_attention": _block_sparse_attention_samples,
     "window_scores": _window_scores_samples,
@@ -234,6 +293,8 @@ SAMPLES = {
     "js_divergence": _js_divergence_samples,
     "flex_estimate": _flex_estimate_samples,
     "select_blocks": _select_blocks_samples,
+    "block_sparse_attention_paged": _block_sparse_attention_paged_samples,
+    "flex_estimate_paged": _flex_estimate_paged_samples,
     # PreMoe routing
     "tcess_update": _tcess_update_samples,
     "router_stats_update": _router_stats_update_samples,

@@ -13,9 +13,11 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 #include "tasksieve/block_index.h"
 #include "tasksieve/flex_index.h"
+#include "tasksieve/paged_index.h"
 
 namespace tasksieve {
 namespace checks {
@@ -344,6 +346,194 @@ inline void check_block_sparse_varlen_offsets(const int32_t* cu_q, const int32_t
 }
 
 #undef TS_BSA_CHECK
+
+// ---------------------------------------------------------------------------------------------
+// Paged-KV forms: block_sparse_attention_paged and flex_estimate_paged (`op` names the op in the
+// messages). q [S, Nq, H, D] dense or [1, total_q, H, D] packed (cu_seqlens_q [S + 1]),
+// k_cache / v_cache [num_pages, page_size, Hk, D], block_table int32 [S, max_pages],
+// seq_lens_k int32 [S]. Order:
+//   check_paged_ranks(op, q, k_cache, v_cache);     // v_cache may be nullptr (estimate)
+//   <device-kind check of q>;
+//   check_paged_args(op, q, k_cache, v_cache, block_table, seq_lens_k, cu_seqlens_q,
+//                    check_q_dtype, check_head_dim);
+//   then the op's own block_size / index checks, and (CPU only, host memory)
+//   check_paged_values(op, ...), which reads seq_lens_k, the used block_table entries and
+//   cu_seqlens_q.
+// ---------------------------------------------------------------------------------------------
+
+#define TS_PG_CHECK(cond, ...) TORCH_CHECK(cond, "tasksieve.", op, ": ", __VA_ARGS__)
+
+inline void check_paged_ranks(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                              const at::Tensor* v_cache) {
+  TS_PG_CHECK(q.dim() == 4, "q must be a 4-D tensor [S, Nq, H, D] (or [1, total_q, H, D] with "
+              "cu_seqlens_q), got shape ", q.sizes());
+  TS_PG_CHECK(k_cache.dim() == 4,
+              "k_cache must be a 4-D tensor [num_pages, page_size, Hk, D], got shape ",
+              k_cache.sizes());
+  if (v_cache != nullptr)
+    TS_PG_CHECK(v_cache->dim() == 4,
+                "v_cache must be a 4-D tensor [num_pages, page_size, Hk, D], got shape ",
+                v_cache->sizes());
+}
+
+struct PagedDims {
+  int64_t S, B, Nq, H, D, Hk, num_pages, page_size, max_pages, kv_cap;
+  bool packed;
+};
+
+template <typename QDtypeCheck, typename HeadDimCheck>
+PagedDims check_paged_args(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor* v_cache, const at::Tensor& block_table,
+                           const at::Tensor& seq_lens_k,
+                           const std::optional<at::Tensor>& cu_seqlens_q,
+                           QDtypeCheck&& check_q_dtype, HeadDimCheck&& check_head_dim) {
+  TS_PG_CHECK(k_cache.device() == q.device(), "k_cache must be on the device of q (", q.device(),
+              "), got ", k_cache.device());
+  if (v_cache != nullptr)
+    TS_PG_CHECK(v_cache->device() == q.device(), "v_cache must be on the device of q (",
+                q.device(), "), got ", v_cache->device());
+  TS_PG_CHECK(block_table.device() == q.device(), "block_table must be on the device of q (",
+              q.device(), "), got ", block_table.device());
+  TS_PG_CHECK(seq_lens_k.device() == q.device(), "seq_lens_k must be on the device of q (",
+              q.device(), "), got ", seq_lens_k.device());
+  if (cu_seqlens_q.has_value())
+    TS_PG_CHECK(cu_seqlens_q->device() == q.device(), "cu_seqlens_q must be on the device of q (",
+                q.device(), "), got ", cu_seqlens_q->device());
+  const auto dt = q.scalar_type();
+  check_q_dtype(dt);
+  TS_PG_CHECK(k_cache.scalar_type() == dt, "k_cache must have the dtype of q (", dt, "), got ",
+              k_cache.scalar_type());
+  if (v_cache != nullptr)
+    TS_PG_CHECK(v_cache->scalar_type() == dt, "v_cache must have the dtype of q (", dt, "), got ",
+                v_cache->scalar_type());
+  TS_PG_CHECK(block_table.scalar_type() == at::kInt, "block_table must be int32, got ",
+              block_table.scalar_type());
+  TS_PG_CHECK(block_table.dim() == 2,
+              "block_table must be a 2-D tensor [S, max_pages] (S sequences), got shape ",
+              block_table.sizes());
+  const int64_t S = block_table.size(0), max_pages = block_table.size(1);
+  TS_PG_CHECK(seq_lens_k.scalar_type() == at::kInt, "seq_lens_k must be int32, got ",
+              seq_lens_k.scalar_type());
+  TS_PG_CHECK(seq_lens_k.dim() == 1 && seq_lens_k.size(0) == S,
+              "seq_lens_k must have shape [S] = [", S, "] (block_table dim 0), got ",
+              seq_lens_k.sizes());
+  const bool packed = cu_seqlens_q.has_value();
+  const int64_t B = q.size(0), Nq = q.size(1), H = q.size(2), D = q.size(3);
+  if (packed) {
+    const at::Tensor& cq = *cu_seqlens_q;
+    TS_PG_CHECK(cq.scalar_type() == at::kInt, "cu_seqlens_q must be int32, got ",
+                cq.scalar_type());
+    TS_PG_CHECK(cq.dim() == 1 && cq.size(0) == S + 1, "cu_seqlens_q must have shape [S + 1] = [",
+                S + 1, "] (block_table dim 0 = S sequences), got ", cq.sizes());
+    TS_PG_CHECK(B == 1, "q must have batch size 1 with cu_seqlens_q (sequences packed along "
+                "dim 1), got B=", B);
+  } else {
+    TS_PG_CHECK(B == S, "q must have one batch row per sequence (block_table dim 0 = S = ", S,
+                "), got B=", B);
+  }
+  check_head_dim(D);
+  const int64_t num_pages = k_cache.size(0), page_size = k_cache.size(1), Hk = k_cache.size(2);
+  TS_PG_CHECK(k_cache.size(3) == D, "k_cache head dim must equal q head dim (", D, "), got ",
+              k_cache.size(3));
+  TS_PG_CHECK(Hk >= 1 && H % Hk == 0, "k_cache heads Hk must be >= 1 and divide the q heads H=",
+              H, ", got Hk=", Hk);
+  if (v_cache != nullptr)
+    TS_PG_CHECK(v_cache->sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ",
+                k_cache.sizes(), ", got ", v_cache->sizes());
+  TS_PG_CHECK(page_size >= 1, "k_cache page size (dim 1) must be >= 1, got ", page_size);
+  TS_PG_CHECK(q.stride(3) == 1 || D == 1, "q must have a contiguous last dim, got strides ",
+              q.strides());
+  TS_PG_CHECK(k_cache.stride(3) == 1 || D == 1,
+              "k_cache must have a contiguous last dim, got strides ", k_cache.strides());
+  if (v_cache != nullptr)
+    TS_PG_CHECK(v_cache->stride(3) == 1 || D == 1,
+                "v_cache must have a contiguous last dim, got strides ", v_cache->strides());
+  return {S, B, Nq, H, D, Hk, num_pages, page_size, max_pages,
+          paged::kv_capacity(max_pages, page_size, num_pages), packed};
+}
+
+// block_sparse_attention_paged's index tensors (after check_paged_args): block_idx int32
+// [S, H, nbq, max_k] with nbq = ceil(Nq / bs) dense or any nbq_max packed, block_cnt [S, H, nbq].
+// Returns {nbq, max_k}.
+inline std::pair<int64_t, int64_t> check_paged_index_args(const char* op, const PagedDims& d,
+                                                          const at::Tensor& q,
+                                                          const at::Tensor& block_idx,
+                                                          const at::Tensor& block_cnt,
+                                                          int64_t block_size) {
+  TS_PG_CHECK(block_idx.device() == q.device(), "block_idx must be on the device of q (",
+              q.device(), "), got ", block_idx.device());
+  TS_PG_CHECK(block_cnt.device() == q.device(), "block_cnt must be on the device of q (",
+              q.device(), "), got ", block_cnt.device());
+  TS_PG_CHECK(block_size == 16 || block_size == 32 || block_size == 64 || block_size == 128,
+              "block_size must be 16, 32, 64 or 128, got ", block_size);
+  TS_PG_CHECK(block_idx.scalar_type() == at::kInt, "block_idx must be int32, got ",
+              block_idx.scalar_type());
+  TS_PG_CHECK(block_cnt.scalar_type() == at::kInt, "block_cnt must be int32, got ",
+              block_cnt.scalar_type());
+  if (d.packed) {
+    TS_PG_CHECK(block_idx.dim() == 4 && block_idx.size(0) == d.S && block_idx.size(1) == d.H,
+                "block_idx must have shape [S, H, nbq_max, max_k] = [", d.S, ", ", d.H,
+                ", nbq_max, max_k] with cu_seqlens_q, got ", block_idx.sizes());
+  } else {
+    const int64_t nbq = block::num_blocks(d.Nq, block_size);
+    TS_PG_CHECK(block_idx.dim() == 4 && block_idx.size(0) == d.S && block_idx.size(1) == d.H &&
+                    block_idx.size(2) == nbq,
+                "block_idx must have shape [S, H, nbq, max_k] = [", d.S, ", ", d.H, ", ", nbq,
+                ", max_k] (nbq = ceil(Nq / block_size)), got ", block_idx.sizes());
+  }
+  const int64_t nbq = block_idx.size(2);
+  TS_PG_CHECK(block_cnt.dim() == 3 && block_cnt.size(0) == d.S && block_cnt.size(1) == d.H &&
+                  block_cnt.size(2) == nbq,
+              "block_cnt must have shape [S, H, nbq] = [", d.S, ", ", d.H, ", ", nbq, "], got ",
+              block_cnt.sizes());
+  return {nbq, block_idx.size(3)};
+}
+
+// The values, read on the host (the CPU ops; the CUDA ops clamp instead, paged::seq_span and
+// paged::key_offset). table: block_table [S, max_pages] contiguous; cu_q: S + 1 entries or
+// nullptr (dense). nbq: block_idx dim 2 for the attention op (each sequence's query blocks must
+// fit), or -1 for the estimate.
+inline void check_paged_values(const char* op, const PagedDims& d, const int32_t* table,
+                               const int32_t* seq_lens, const int32_t* cu_q, int64_t block_size,
+                               int64_t nbq) {
+  if (cu_q != nullptr) {
+    TS_PG_CHECK(cu_q[0] == 0, "cu_seqlens_q[0] must be 0, got ", cu_q[0]);
+    for (int64_t s = 0; s < d.S; ++s)
+      TS_PG_CHECK(cu_q[s + 1] >= cu_q[s], "cu_seqlens_q must be non-decreasing, got "
+                  "cu_seqlens_q[", s + 1, "]=", cu_q[s + 1], " < cu_seqlens_q[", s, "]=",
+                  cu_q[s]);
+    TS_PG_CHECK(cu_q[d.S] == d.Nq, "cu_seqlens_q[-1] must equal the packed length (dim 1 of q = ",
+                d.Nq, "), got ", cu_q[d.S]);
+  }
+  const int64_t cap = d.max_pages * d.page_size;
+  for (int64_t s = 0; s < d.S; ++s) {
+    const int64_t nk = seq_lens[s];
+    TS_PG_CHECK(nk >= 0 && nk <= cap, "seq_lens_k[", s, "]=", nk,
+                " must be in [0, max_pages * page_size = ", cap, "] (block_table dim 1 = ",
+                d.max_pages, ", k_cache dim 1 = ", d.page_size, ")");
+    const int64_t used = paged::pages_used(nk, d.page_size);
+    for (int64_t p = 0; p < used; ++p) {
+      const int64_t id = table[s * d.max_pages + p];
+      TS_PG_CHECK(paged::page_id_valid(id, d.num_pages), "block_table[", s, ", ", p, "]=", id,
+                  " must be a page of k_cache in [0, num_pages=", d.num_pages, ") (sequence ", s,
+                  " reads its first ", used, " pages)");
+    }
+    if (cu_q == nullptr) {
+      TS_PG_CHECK(d.Nq <= nk, "q length Nq=", d.Nq, " must be <= seq_lens_k[", s, "]=", nk,
+                  " (every sequence's queries are its last Nq positions)");
+    } else {
+      const int64_t nq = int64_t{cu_q[s + 1]} - cu_q[s];
+      TS_PG_CHECK(nq <= nk, "sequence ", s, " has nq=", nq, " queries > seq_lens_k[", s, "]=",
+                  nk, " keys; its queries must be the last nq of its positions");
+      if (nbq >= 0)
+        TS_PG_CHECK(block::num_blocks(nq, block_size) <= nbq, "block_idx dim 2 (nbq_max=", nbq,
+                    ") must be >= ceil(nq / block_size)=", block::num_blocks(nq, block_size),
+                    " of sequence ", s, " (nq=", nq, ")");
+    }
+  }
+}
+
+#undef TS_PG_CHECK
 
 }  // namespace checks
 }  // namespace tasksieve

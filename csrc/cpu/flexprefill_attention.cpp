@@ -30,10 +30,12 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../checks/flexprefill_checks.h"
 #include "tasksieve/block_index.h"
+#include "tasksieve/paged_index.h"
 
 // With MKL (x86 torch wheels) the per-block GEMMs call its BLAS directly: at::cpu::mm_out costs
 // a dispatch, checks and a thread decision per 128x128 tile. MKL is told to stay single-threaded
@@ -228,36 +230,154 @@ block::SeqSpan span_of(const Args& a, const int32_t* cu_q, const int32_t* cu_k, 
                   : block::SeqSpan{0, a.Nq, 0, a.Nk};
 }
 
-// Rows of query blocks past a varlen sequence's length are ignored, so only the rows in use are
-// checked; dense messages keep their flat-index form.
-void check_index_values(const Args& a, const int32_t* idx, const int32_t* cnt,
-                        const int32_t* cu_q, const int32_t* cu_k) {
-  for (int64_t s = 0; s < a.S; ++s) {
-    const block::SeqSpan sp = span_of(a, cu_q, cu_k, s);
-    const int64_t nbq_s = block::num_blocks(sp.nq, a.bs), nbk_s = block::num_blocks(sp.nk, a.bs);
-    for (int64_t h = 0; h < a.H; ++h) {
+// Rows of query blocks past a sequence's length are ignored, so only the rows in use are
+// checked. span(s) -> block::SeqSpan of index row s (only nq and nk are used); `per_seq` picks
+// the per-sequence message form (varlen and paged), else dense messages keep their flat-index
+// form.
+template <typename Span>
+void check_index_values(const char* op, int64_t S, int64_t H, int64_t nbq, int64_t max_k,
+                        int64_t bs, bool per_seq, const int32_t* idx, const int32_t* cnt,
+                        Span&& span) {
+  for (int64_t s = 0; s < S; ++s) {
+    const block::SeqSpan sp = span(s);
+    const int64_t nbq_s = block::num_blocks(sp.nq, bs), nbk_s = block::num_blocks(sp.nk, bs);
+    for (int64_t h = 0; h < H; ++h) {
       for (int64_t r = 0; r < nbq_s; ++r) {
-        const int64_t t = (s * a.H + h) * a.nbq + r;
+        const int64_t t = (s * H + h) * nbq + r;
         const int64_t n = cnt[t];
-        if (a.varlen) {
-          TS_CHECK(n >= 0 && n <= a.max_k, "block_cnt values must be in [0, max_k=", a.max_k,
-                   "], got ", n, " at sequence ", s, " head ", h, " query block ", r);
+        if (per_seq) {
+          TORCH_CHECK(n >= 0 && n <= max_k, "tasksieve.", op, ": block_cnt values must be in "
+                      "[0, max_k=", max_k, "], got ", n, " at sequence ", s, " head ", h,
+                      " query block ", r);
         } else {
-          TS_CHECK(n >= 0 && n <= a.max_k, "block_cnt values must be in [0, max_k=", a.max_k,
-                   "], got ", n, " at flat index ", t);
+          TORCH_CHECK(n >= 0 && n <= max_k, "tasksieve.", op, ": block_cnt values must be in "
+                      "[0, max_k=", max_k, "], got ", n, " at flat index ", t);
         }
         for (int64_t e = 0; e < n; ++e) {
-          const int64_t c = idx[t * a.max_k + e];
+          const int64_t c = idx[t * max_k + e];
           if (block::block_column_valid(c, nbk_s)) continue;
-          if (a.varlen) {
-            TS_CHECK(false, "block_idx values must be in [0, nbk=", nbk_s, ") of sequence ", s,
-                     " (nbk = ceil(nk / block_size), nk=", sp.nk, "), got ", c, " at sequence ",
-                     s, " head ", h, " query block ", r, " entry ", e);
+          if (per_seq) {
+            TORCH_CHECK(false, "tasksieve.", op, ": block_idx values must be in [0, nbk=", nbk_s,
+                        ") of sequence ", s, " (nbk = ceil(nk / block_size), nk=", sp.nk,
+                        "), got ", c, " at sequence ", s, " head ", h, " query block ", r,
+                        " entry ", e);
           }
-          TS_CHECK(false, "block_idx values must be in [0, nbk=", nbk_s,
-                   ") (nbk = ceil(Nk / block_size)), got ", c, " at row ", t, " entry ", e);
+          TORCH_CHECK(false, "tasksieve.", op, ": block_idx values must be in [0, nbk=", nbk_s,
+                      ") (nbk = ceil(Nk / block_size)), got ", c, " at row ", t, " entry ", e);
         }
       }
+    }
+  }
+}
+
+// Per-thread scratch of the work items (one query block of one head).
+struct Scratch {
+  std::vector<float> qt, st, o, m, l, alpha, kbuf, vbuf;
+  Scratch(int64_t bs, int64_t D, int64_t ld, bool gather)
+      : qt(bs * D), st(bs * ld), o(bs * D), m(bs), l(bs), alpha(bs),
+        kbuf(gather ? bs * D : 0), vbuf(gather ? bs * D : 0) {}
+};
+
+// K or V rows of one (sequence, KV head) as fp32 row ranges: rows(k0, n, buf, &ld) returns n
+// consecutive key rows starting at key k0, ld floats apart. The contiguous form points into the
+// (fp32) tensor; the paged form gathers the rows from their pages into `buf` (converting to
+// fp32), or points into the page when T is float and the range lies in one page.
+struct ContigRows {
+  const float* base;
+  int64_t stride;
+  const float* rows(int64_t k0, int64_t, float*, int64_t* ld) const {
+    *ld = stride;
+    return base + k0 * stride;
+  }
+};
+
+template <typename T>
+struct PagedRows {
+  const T* base;  // cache + hk * head stride
+  const int32_t* table;
+  int64_t page_size, num_pages, page_stride, row_stride, D;
+  const float* rows(int64_t k0, int64_t n, float* buf, int64_t* ld) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (paged::page_of(k0, page_size) == paged::page_of(k0 + n - 1, page_size)) {
+        *ld = row_stride;
+        return base + paged::key_offset(table, k0, page_size, num_pages, page_stride,
+                                         row_stride);
+      }
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const T* src =
+          base + paged::key_offset(table, k0 + r, page_size, num_pages, page_stride, row_stride);
+      float* dst = buf + r * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]);
+    }
+    *ld = D;
+    return buf;
+  }
+};
+
+// One work item: query block r (rows [q0, q1) of a problem with nq queries, the last of its Nk
+// keys) of one head. q_row(i) = fp32 q row of query i of the problem; the listed columns
+// cols[0..n) are walked in order (S = Q K_c^T, online softmax, O = O * alpha + P V_c); the rows
+// are written to lse_row[i] and the output at out + out_off + i * osn (q's dtype).
+template <class QRow, class KR, class VR>
+void attend_item(QRow&& q_row, int64_t nq, int64_t Nk, int64_t r, const int32_t* cols, int64_t n,
+                 const KR& kr, const VR& vr, int64_t bs, int64_t D, bool causal, float qscale,
+                 Scratch& sc, float* lse_row, void* op, at::ScalarType out_dt, int64_t out_off,
+                 int64_t osn) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t ld = round_up(bs, int64_t{8});
+  const int64_t q0 = block::block_begin(r, bs), q1 = block::block_end(r, bs, nq);
+  if (q0 >= q1) return;  // query block past a sequence's end
+  const int64_t mq = q1 - q0;
+  float* qt = sc.qt.data();
+  float* st = sc.st.data();
+  float* o = sc.o.data();
+  float* m = sc.m.data();
+  float* l = sc.l.data();
+  float* alpha = sc.alpha.data();
+  for (int64_t i = 0; i < mq; ++i) {
+    const float* src = q_row(q0 + i);
+    for (int64_t d = 0; d < D; ++d) qt[i * D + d] = src[d] * qscale;
+  }
+  std::fill(o, o + mq * D, 0.f);
+  std::fill(m, m + bs, ninf);
+  std::fill(l, l + bs, 0.f);
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t c = cols[e];
+    const int64_t k0 = block::block_begin(c, bs), k1 = block::block_end(c, bs, Nk);
+    const int64_t nk = k1 - k0;
+    const auto vis = block::tile_visibility(q0, q1, k0, k1, nq, Nk, causal);
+    if (vis == block::kSkip) continue;
+    int64_t kld = 0, vld = 0;
+    const float* kp = kr.rows(k0, nk, sc.kbuf.data(), &kld);
+    gemm_rm(true, mq, nk, D, qt, D, kp, kld, 0.f, st, ld);
+    for (int64_t i = 0; i < mq; ++i) {
+      int64_t lim = nk;
+      if (vis == block::kPartial)
+        lim = std::clamp(block::query_key_end(q0 + i, nq, Nk, true) - k0, int64_t{0}, nk);
+      float mn, sum;
+      softmax_row(st + i * ld, lim, ld, m[i], &mn, &sum);
+      const float alpha_i = m[i] == ninf ? 0.f : std::exp2(m[i] - mn);
+      l[i] = l[i] * alpha_i + sum;
+      m[i] = mn;
+      alpha[i] = alpha_i;
+    }
+    for (int64_t i = 0; i < mq; ++i) scale_row(o + i * D, alpha[i], D);
+    const float* vp = vr.rows(k0, nk, sc.vbuf.data(), &vld);
+    gemm_rm(false, mq, D, nk, st, ld, vp, vld, 1.f, o, D);
+  }
+  for (int64_t i = 0; i < mq; ++i) {
+    const int64_t qi = q0 + i;
+    const bool any = l[i] > 0.f;
+    lse_row[qi] = any ? static_cast<float>((m[i] + std::log2(l[i])) * M_LN2) : ninf;
+    const float inv = any ? 1.f / l[i] : 0.f;
+    const int64_t off = out_off + qi * osn;
+    if (out_dt == at::kFloat) {
+      store_row(static_cast<float*>(op) + off, o + i * D, inv, D);
+    } else if (out_dt == at::kHalf) {
+      store_row(static_cast<at::Half*>(op) + off, o + i * D, inv, D);
+    } else {
+      store_row(static_cast<at::BFloat16*>(op) + off, o + i * D, inv, D);
     }
   }
 }
@@ -284,7 +404,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     cu_k = cu_seqlens_k.const_data_ptr<int32_t>();
     checks::check_block_sparse_varlen_offsets(cu_q, cu_k, a.S, a.Nq, a.Nk, a.bs, a.nbq);
   }
-  check_index_values(a, idx, cnt, cu_q, cu_k);
+  check_index_values("block_sparse_attention", a.S, a.H, a.nbq, a.max_k, a.bs, a.varlen, idx,
+                     cnt, [&](int64_t s) { return span_of(a, cu_q, cu_k, s); });
   const int64_t rows = a.S * a.H * a.nbq;
   const double scale = scale_opt.has_value() ? *scale_opt : 1.0 / std::sqrt(double(a.D));
   TS_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
@@ -306,7 +427,6 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   const int64_t G = a.G, max_k = a.max_k;
   const bool varlen = a.varlen;
   const float qscale = static_cast<float>(scale * M_LOG2E);
-  const float ninf = -std::numeric_limits<float>::infinity();
   const auto out_dt = out.scalar_type();
   float* lp = lse.data_ptr<float>();
   void* op = out.data_ptr();
@@ -317,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
 #if TS_BSA_DIRECT_BLAS
     const int prev_threads = MKL_Set_Num_Threads_Local(1);
 #endif
-    std::vector<float> qt(bs * D), st(bs * ld), o(bs * D), m(bs), l(bs), alpha(bs);
+    Scratch sc(bs, D, ld, false);
     for (int64_t t = begin; t < end; ++t) {
       // Heads outermost: parallel_for hands each thread one contiguous range, and sequences
       // of a packed batch differ a lot in work (quadratic in length), so a range of heads over
@@ -328,61 +448,127 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
       // sq0, keys at sk0; b = the batch row of the data (always 0 when packed).
       const block::SeqSpan sp = span_of(a, cu_q, cu_k, s);
       const int64_t b = varlen ? 0 : s, sq0 = sp.q_begin, sk0 = sp.k_begin;
-      const int64_t nq = sp.nq, Nk = sp.nk;
-      const int64_t q0 = block::block_begin(r, bs), q1 = block::block_end(r, bs, nq);
-      if (q0 >= q1) continue;  // query block past a packed sequence's end
-      const int64_t mq = q1 - q0;
-      for (int64_t i = 0; i < mq; ++i) {
-        const float* src = qp + b * qsb + (sq0 + q0 + i) * qsn + h * qsh;
-        for (int64_t d = 0; d < D; ++d) qt[i * D + d] = src[d] * qscale;
-      }
-      std::fill(o.begin(), o.begin() + mq * D, 0.f);
-      std::fill(m.begin(), m.end(), ninf);
-      std::fill(l.begin(), l.end(), 0.f);
-      const float* kb = kp + b * ksb + sk0 * ksn + hk * ksh;
-      const float* vb = vp + b * vsb + sk0 * vsn + hk * vsh;
-      const int64_t n = cnt[item];
-      for (int64_t e = 0; e < n; ++e) {
-        const int64_t c = idx[item * max_k + e];
-        const int64_t k0 = block::block_begin(c, bs), k1 = block::block_end(c, bs, Nk);
-        const int64_t nk = k1 - k0;
-        const auto vis = block::tile_visibility(q0, q1, k0, k1, nq, Nk, causal);
-        if (vis == block::kSkip) continue;
-        gemm_rm(true, mq, nk, D, qt.data(), D, kb + k0 * ksn, ksn, 0.f, st.data(), ld);
-        for (int64_t i = 0; i < mq; ++i) {
-          int64_t lim = nk;
-          if (vis == block::kPartial)
-            lim = std::clamp(block::query_key_end(q0 + i, nq, Nk, true) - k0, int64_t{0}, nk);
-          float mn, sum;
-          softmax_row(st.data() + i * ld, lim, ld, m[i], &mn, &sum);
-          const float alpha_i = m[i] == ninf ? 0.f : std::exp2(m[i] - mn);
-          l[i] = l[i] * alpha_i + sum;
-          m[i] = mn;
-          alpha[i] = alpha_i;
-        }
-        for (int64_t i = 0; i < mq; ++i) scale_row(o.data() + i * D, alpha[i], D);
-        gemm_rm(false, mq, D, nk, st.data(), ld, vb + k0 * vsn, vsn, 1.f, o.data(), D);
-      }
-      for (int64_t i = 0; i < mq; ++i) {
-        const int64_t qi = sq0 + q0 + i;  // packed row
-        const bool any = l[i] > 0.f;
-        lp[(b * H + h) * Nq + qi] = any ? static_cast<float>((m[i] + std::log2(l[i])) * M_LN2)
-                                        : ninf;
-        const float inv = any ? 1.f / l[i] : 0.f;
-        const int64_t off = b * osb + qi * osn + h * osh;
-        if (out_dt == at::kFloat) {
-          store_row(static_cast<float*>(op) + off, o.data() + i * D, inv, D);
-        } else if (out_dt == at::kHalf) {
-          store_row(static_cast<at::Half*>(op) + off, o.data() + i * D, inv, D);
-        } else {
-          store_row(static_cast<at::BFloat16*>(op) + off, o.data() + i * D, inv, D);
-        }
-      }
+      const float* qh = qp + b * qsb + sq0 * qsn + h * qsh;
+      const ContigRows kr{kp + b * ksb + sk0 * ksn + hk * ksh, ksn};
+      const ContigRows vr{vp + b * vsb + sk0 * vsn + hk * vsh, vsn};
+      attend_item([&](int64_t i) { return qh + i * qsn; }, sp.nq, sp.nk, r, idx + item * max_k,
+                  cnt[item], kr, vr, bs, D, causal, qscale, sc, lp + (b * H + h) * Nq + sq0, op,
+                  out_dt, b * osb + sq0 * osn + h * osh, osn);
     }
 #if TS_BSA_DIRECT_BLAS
     MKL_Set_Num_Threads_Local(prev_threads);
 #endif
   });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// block_sparse_attention_paged: the same work items, K/V rows read through the block table
+// (PagedRows). q is converted to fp32 once (it is this chunk's queries); the caches are read in
+// their dtype, one key block at a time, so no copy of the cache is ever made.
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_paged_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_table_in, const at::Tensor& seq_lens_in,
+    const at::Tensor& block_idx_in, const at::Tensor& block_cnt_in, int64_t block_size,
+    std::optional<double> scale_opt, bool causal,
+    const std::optional<at::Tensor>& cu_seqlens_q_in) {
+  const char* opn = "block_sparse_attention_paged";
+  checks::check_paged_ranks(opn, q_in, k_cache, &v_cache);
+  TORCH_CHECK(q_in.device().is_cpu(), "tasksieve.", opn, ": q must be a CPU tensor here, got ",
+              q_in.device());
+  const checks::PagedDims d = checks::check_paged_args(
+      opn, q_in, k_cache, &v_cache, block_table_in, seq_lens_in, cu_seqlens_q_in,
+      [&](at::ScalarType dt) {
+        TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "tasksieve.",
+                    opn, ": q must be float32, float16 or bfloat16, got ", dt);
+      },
+      [&](int64_t D) {
+        TORCH_CHECK(D >= 1 && D <= kMaxHeadDimCpu, "tasksieve.", opn,
+                    ": q head dim D must be in [1, 256], got ", D);
+      });
+  const auto [nbq, max_k] =
+      checks::check_paged_index_args(opn, d, q_in, block_idx_in, block_cnt_in, block_size);
+  const double scale = scale_opt.has_value() ? *scale_opt : 1.0 / std::sqrt(double(d.D));
+  TORCH_CHECK(std::isfinite(scale), "tasksieve.", opn, ": scale must be finite, got ", scale);
+  const at::Tensor block_table = block_table_in.contiguous();
+  const at::Tensor seq_lens = seq_lens_in.contiguous();
+  const at::Tensor block_idx = block_idx_in.contiguous();
+  const at::Tensor block_cnt = block_cnt_in.contiguous();
+  at::Tensor cu_seqlens_q;
+  const int32_t* cu_q = nullptr;
+  if (d.packed) {
+    cu_seqlens_q = cu_seqlens_q_in->contiguous();
+    cu_q = cu_seqlens_q.const_data_ptr<int32_t>();
+  }
+  const int32_t* table = block_table.const_data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.const_data_ptr<int32_t>();
+  const int32_t* idx = block_idx.const_data_ptr<int32_t>();
+  const int32_t* cnt = block_cnt.const_data_ptr<int32_t>();
+  checks::check_paged_values(opn, d, table, lens, cu_q, block_size, nbq);
+  auto span = [&](int64_t s) {
+    const paged::SeqSpan p = paged::seq_span(cu_q, lens, s, d.Nq, d.kv_cap);
+    return block::SeqSpan{p.q_begin, p.nq, 0, p.nk};
+  };
+  check_index_values(opn, d.S, d.H, nbq, max_k, block_size, true, idx, cnt, span);
+
+  at::Tensor out = at::empty({d.B, d.Nq, d.H, d.D}, q_in.options());
+  at::Tensor lse = at::empty({d.B, d.H, d.Nq}, q_in.options().dtype(at::kFloat));
+  if (d.Nq == 0 || d.S == 0 || d.H == 0) return {out, lse};
+
+  const at::Tensor q = q_in.to(at::kFloat);
+  const float* qp = q.const_data_ptr<float>();
+  const int64_t qsb = q.stride(0), qsn = q.stride(1), qsh = q.stride(2);
+  const int64_t H = d.H, D = d.D, Nq = d.Nq, bs = block_size, G = d.H / d.Hk;
+  const int64_t rows = d.S * H * nbq;
+  const float qscale = static_cast<float>(scale * M_LOG2E);
+  const auto out_dt = out.scalar_type();
+  float* lp = lse.data_ptr<float>();
+  void* op = out.data_ptr();
+  const int64_t osb = out.stride(0), osn = out.stride(1), osh = out.stride(2);
+  const int64_t ld = round_up(bs, int64_t{8});
+  const bool packed = d.packed;
+
+  auto run = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* kc = static_cast<const T*>(k_cache.const_data_ptr());
+    const T* vc = static_cast<const T*>(v_cache.const_data_ptr());
+    const int64_t ksp = k_cache.stride(0), ksn = k_cache.stride(1), ksh = k_cache.stride(2);
+    const int64_t vsp = v_cache.stride(0), vsn = v_cache.stride(1), vsh = v_cache.stride(2);
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+#if TS_BSA_DIRECT_BLAS
+      const int prev_threads = MKL_Set_Num_Threads_Local(1);
+#endif
+      Scratch sc(bs, D, ld, true);
+      for (int64_t t = begin; t < end; ++t) {
+        // heads outermost, as the contiguous op (balances sequences of different lengths)
+        const int64_t h = t / (rows / H), sr = t % (rows / H), s = sr / nbq, r = sr % nbq;
+        const int64_t item = (s * H + h) * nbq + r, hk = h / G;
+        const paged::SeqSpan sp = paged::seq_span(cu_q, lens, s, Nq, d.kv_cap);
+        const int64_t b = packed ? 0 : s, sq0 = sp.q_begin;
+        const float* qh = qp + b * qsb + sq0 * qsn + h * qsh;
+        const int32_t* trow = table + s * d.max_pages;
+        const PagedRows<T> kr{kc + hk * ksh, trow, d.page_size, d.num_pages, ksp, ksn, D};
+        const PagedRows<T> vr{vc + hk * vsh, trow, d.page_size, d.num_pages, vsp, vsn, D};
+        attend_item([&](int64_t i) { return qh + i * qsn; }, sp.nq, sp.nk, r,
+                    idx + item * max_k, cnt[item], kr, vr, bs, D, causal, qscale, sc,
+                    lp + (b * H + h) * Nq + sq0, op, out_dt, b * osb + sq0 * osn + h * osh, osn);
+      }
+#if TS_BSA_DIRECT_BLAS
+      MKL_Set_Num_Threads_Local(prev_threads);
+#endif
+    });
+  };
+  struct F32 { using type = float; };
+  struct F16 { using type = at::Half; };
+  struct BF16 { using type = at::BFloat16; };
+  if (k_cache.scalar_type() == at::kFloat) {
+    run(F32{});
+  } else if (k_cache.scalar_type() == at::kHalf) {
+    run(F16{});
+  } else {
+    run(BF16{});
+  }
   return {out, lse};
 }
 
@@ -393,4 +579,5 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
 
 TORCH_LIBRARY_IMPL(tasksieve, CPU, m) {
   m.impl("block_sparse_attention", &tasksieve::block_sparse_attention_cpu);
+  m.impl("block_sparse_attention_paged", &tasksieve::block_sparse_attention_paged_cpu);
 }

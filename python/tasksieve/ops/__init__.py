@@ -6,14 +6,18 @@ fakes make every op traceable by ``torch.compile`` / ``torch.export``: output sh
 input sizes only, so they work with symbolic shapes. One module per op family, like csrc/:
 
 windowkv      window_scores, select_windows, gather_windows, gather_windows_, window_count
-flexprefill   block_sparse_attention, js_divergence, flex_estimate, select_blocks
+flexprefill   block_sparse_attention, js_divergence, flex_estimate, select_blocks,
+              block_sparse_attention_paged, flex_estimate_paged
+paged         paged_kv_views (vLLM's CPU / FlashAttention paged caches as K and V views)
 premoe        tcess_update, router_stats_update, route_topk, moe_align, expert_gemm,
               moe_forward
 
 The plain-PyTorch ground truth of every op is ``tasksieve.reference`` (tests and benchmarks only).
 """
 
-from .flexprefill import block_sparse_attention, flex_estimate, js_divergence, select_blocks
+from .flexprefill import (block_sparse_attention, block_sparse_attention_paged, flex_estimate,
+                          flex_estimate_paged, js_divergence, select_blocks)
+from .paged import paged_kv_views
 from .premoe import (expert_gemm, moe_align, moe_forward, route_topk, router_stats_update,
                      tcess_update)
 from .windowkv import gather_windows, gather_windows_, select_windows, window_count, window_scores
@@ -28,6 +32,9 @@ __all__ = [
     "js_divergence",
     "flex_estimate",
     "select_blocks",
+    "block_sparse_attention_paged",
+    "flex_estimate_paged",
+    "paged_kv_views",
     "tcess_update",
     "router_stats_update",
     "route_topk",

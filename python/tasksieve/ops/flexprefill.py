@@ -9,6 +9,12 @@ flex_estimate(q, k, block_size, scale=None)
     -> (vertical, slash, estimate) float32 [B, H, ceil(Nk / block_size)] each
 select_blocks(vertical, slash, qa_map, is_query_aware, q_len, kv_len, block_size, gamma, ...)
     -> (block_idx int32 [B, H, nbq, nb], block_cnt int32 [B, H, nbq])
+block_sparse_attention_paged(q, k_cache, v_cache, block_table, seq_lens_k, block_idx, block_cnt,
+                             block_size, scale=None, causal=True, cu_seqlens_q=None)
+    -> out in q's layout, lse float32 [S, H, Nq] ([1, H, total_q] packed)
+flex_estimate_paged(q, k_cache, block_table, seq_lens_k, block_size, scale=None,
+                    cu_seqlens_q=None)
+    -> (vertical, slash, estimate) float32 [S, H, ceil(max_pages * page_size / block_size)]
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import torch
 
 from . import _loader
 
-__all__ = ["block_sparse_attention", "js_divergence", "flex_estimate", "select_blocks"]
+__all__ = ["block_sparse_attention", "js_divergence", "flex_estimate", "select_blocks",
+           "block_sparse_attention_paged", "flex_estimate_paged"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,3 +219,123 @@ if _loader.LOADED and "select_blocks" in _loader.op_names():
         nbq = qa_map.shape[2]
         return (vertical.new_empty((B, H, nbq, nb), dtype=torch.int32),
                 vertical.new_empty((B, H, nbq), dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged-KV forms (chunked prefill over a paged cache): block_sparse_attention_paged,
+# flex_estimate_paged
+# ---------------------------------------------------------------------------------------------
+_PAGED_DOC = """
+    q : Tensor [S, Nq, H, D], or [1, total_q, H, D] with ``cu_seqlens_q``
+        This chunk's queries (float32 on CPU, float16/bfloat16; last dim contiguous). Dense:
+        every sequence's Nq queries are its last Nq key positions (Nq <= seq_lens_k[s]).
+    k_cache{v} : Tensor [num_pages, page_size, Hk, D]
+        The paged cache{vs} in q's dtype, any strides but a contiguous last dim (see
+        ``paged_kv_views`` for vLLM's CPU and FlashAttention layouts); H % Hk == 0.
+    block_table : Tensor [S, max_pages] int32
+        Page ids of sequence s in order: key j lives in page ``block_table[s, j // page_size]``,
+        row ``j % page_size``. Entries past the ``ceil(seq_lens_k[s] / page_size)`` used pages
+        are never read.
+    seq_lens_k : Tensor [S] int32
+        Key count of each sequence (context + this chunk), at most ``max_pages * page_size``.
+    cu_seqlens_q : Tensor [S + 1] int32, optional
+        Packed queries: sequence s's ``nq_s`` queries are q rows ``cu_seqlens_q[s]`` ..
+        ``cu_seqlens_q[s + 1]``, its last nq_s key positions (nq_s <= seq_lens_k[s]).
+
+    The CPU op validates every value (used page ids in [0, num_pages), seq_lens_k, offsets,
+    index entries) and raises with the argument's name; the CUDA op cannot without a host sync
+    and clamps them (page ids into the cache, lengths into the table's capacity), so it never
+    reads out of bounds; the results for malformed values are unspecified.
+"""
+
+
+def block_sparse_attention_paged(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens_k: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_cnt: torch.Tensor,
+    block_size: int,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block_sparse_attention`` with keys and values read from a paged KV cache.
+
+    Same math and outputs as the contiguous op on the gathered keys and values of each
+    sequence.
+
+    Parameters
+    ----------""" + _PAGED_DOC.format(v=", v_cache", vs="s") + """    block_idx : Tensor [S, H, nbq, max_k] int32; block_cnt : Tensor [S, H, nbq] int32
+        Key-block columns of each query block, relative to the sequence's keys, as the
+        contiguous op (dense: nbq = ceil(Nq / block_size); packed: nbq_max >= ceil(max nq_s /
+        block_size), rows past a sequence's query blocks ignored).
+    block_size : int
+        16, 32, 64 or 128 (FlexPrefill's block size, independent of the page size).
+    scale : float, optional
+        Default ``1 / sqrt(D)``.
+    causal : bool
+        Mask keys past each query's position.
+
+    Returns
+    -------
+    out : Tensor in q's shape and dtype
+    lse : Tensor [S, H, Nq] float32 ([1, H, total_q] packed); a row with no visible key has out
+        0 and lse -inf.
+    """
+    _loader.require_kernel("block_sparse_attention_paged", q)
+    return tuple(torch.ops.tasksieve.block_sparse_attention_paged.default(
+        q, k_cache, v_cache, block_table, seq_lens_k, block_idx, block_cnt, block_size, scale,
+        causal, cu_seqlens_q))
+
+
+def flex_estimate_paged(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens_k: torch.Tensor,
+    block_size: int,
+    scale: Optional[float] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``flex_estimate`` with the keys read from a paged KV cache, one row per sequence.
+
+    Parameters
+    ----------""" + _PAGED_DOC.format(v="", vs="") + """    block_size : int
+        Block size bs >= 1 (CUDA: 16, 32, 64 or 128).
+    scale : float, optional
+        Default ``1 / sqrt(D)``.
+
+    Returns
+    -------
+    (vertical, slash, estimate), each float32 [S, H, nb_max] with nb_max =
+    ``ceil(max_pages * page_size / bs)`` (from the sizes alone, so nothing syncs). Entries
+    ``[0, nb_s)``, nb_s = ceil(seq_lens_k[s] / bs), are ``flex_estimate`` of sequence s's
+    queries and gathered keys; entries past them are 0 (a sequence without queries or keys is
+    all 0).
+    """
+    _loader.require_kernel("flex_estimate_paged", q)
+    return tuple(torch.ops.tasksieve.flex_estimate_paged.default(
+        q, k_cache, block_table, seq_lens_k, block_size, scale, cu_seqlens_q))
+
+
+if _loader.LOADED and "block_sparse_attention_paged" in _loader.op_names():
+
+    @torch.library.register_fake("tasksieve::block_sparse_attention_paged")
+    def _block_sparse_attention_paged_fake(q, k_cache, v_cache, block_table, seq_lens_k,
+                                           block_idx, block_cnt, block_size, scale=None,
+                                           causal=True, cu_seqlens_q=None):
+        B, Nq, H, D = q.shape
+        return q.new_empty((B, Nq, H, D)), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+if _loader.LOADED and "flex_estimate_paged" in _loader.op_names():
+
+    @torch.library.register_fake("tasksieve::flex_estimate_paged")
+    def _flex_estimate_paged_fake(q, k_cache, block_table, seq_lens_k, block_size, scale=None,
+                                  cu_seqlens_q=None):
+        S, H = block_table.shape[0], q.shape[2]
+        nb_max = (block_table.shape[1] * k_cache.shape[1] + block_size - 1) // block_size
+        return tuple(q.new_empty((S, H, nb_max), dtype=torch.float32) for _ in range(3))

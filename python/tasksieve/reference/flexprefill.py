@@ -28,6 +28,10 @@ __all__ = [
     "reference_select_blocks",
     "select_diag_blocks",
     "check_select_blocks_args",
+    "reference_block_sparse_attention_paged",
+    "reference_flex_estimate_paged",
+    "check_paged_args",
+    "gather_paged_kv",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -629,3 +633,256 @@ def reference_select_blocks(vertical: torch.Tensor, slash: torch.Tensor, qa_map:
     listed = torch.arange(nb, device=dev) < cnt[..., None]
     idx = torch.where(listed, cols, torch.zeros_like(cols)).to(torch.int32)
     return idx.contiguous(), cnt.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged-KV forms: block_sparse_attention_paged, flex_estimate_paged
+# ---------------------------------------------------------------------------------------------
+
+
+def check_paged_args(op, q, k_cache, v_cache, block_table, seq_lens_k, cu_seqlens_q, block_size,
+                     scale=None, block_idx=None, block_cnt=None, *, check_values: bool = True):
+    """Argument checks of the paged ops on CPU (``op`` = "block_sparse_attention_paged" with
+    ``v_cache`` and the index, or "flex_estimate_paged" with ``v_cache`` None), in the C++ order
+    and wording. Returns ``(S, packed)``."""
+    attn = op == "block_sparse_attention_paged"
+    tensors = [("q", q), ("k_cache", k_cache), ("block_table", block_table),
+               ("seq_lens_k", seq_lens_k)]
+    if attn:
+        tensors += [("v_cache", v_cache), ("block_idx", block_idx), ("block_cnt", block_cnt)]
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            _fail(op, f"{name} must be a tensor, got {type(t).__name__}")
+    if cu_seqlens_q is not None and not isinstance(cu_seqlens_q, torch.Tensor):
+        _fail(op, f"cu_seqlens_q must be a tensor or None, got {type(cu_seqlens_q).__name__}")
+    if q.dim() != 4:
+        _fail(op, f"q must be a 4-D tensor [S, Nq, H, D] (or [1, total_q, H, D] with "
+                  f"cu_seqlens_q), got shape {_shape(q)}")
+    if k_cache.dim() != 4:
+        _fail(op, f"k_cache must be a 4-D tensor [num_pages, page_size, Hk, D], got shape "
+                  f"{_shape(k_cache)}")
+    if attn and v_cache.dim() != 4:
+        _fail(op, f"v_cache must be a 4-D tensor [num_pages, page_size, Hk, D], got shape "
+                  f"{_shape(v_cache)}")
+    devs = [("k_cache", k_cache)] + ([("v_cache", v_cache)] if attn else []) + [
+        ("block_table", block_table), ("seq_lens_k", seq_lens_k)]
+    if cu_seqlens_q is not None:
+        devs.append(("cu_seqlens_q", cu_seqlens_q))
+    for name, t in devs:
+        if t.device != q.device:
+            _fail(op, f"{name} must be on the device of q ({q.device}), got {t.device}")
+    if q.dtype not in _SCORE_DTYPES:
+        _fail(op, f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in [("k_cache", k_cache)] + ([("v_cache", v_cache)] if attn else []):
+        if t.dtype != q.dtype:
+            _fail(op, f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    if block_table.dtype != torch.int32:
+        _fail(op, f"block_table must be int32, got {block_table.dtype}")
+    if block_table.dim() != 2:
+        _fail(op, f"block_table must be a 2-D tensor [S, max_pages] (S sequences), got shape "
+                  f"{_shape(block_table)}")
+    S, max_pages = block_table.shape
+    if seq_lens_k.dtype != torch.int32:
+        _fail(op, f"seq_lens_k must be int32, got {seq_lens_k.dtype}")
+    if seq_lens_k.dim() != 1 or seq_lens_k.shape[0] != S:
+        _fail(op, f"seq_lens_k must have shape [S] = [{S}] (block_table dim 0), got "
+                  f"{_shape(seq_lens_k)}")
+    packed = cu_seqlens_q is not None
+    B, Nq, H, D = q.shape
+    if packed:
+        if cu_seqlens_q.dtype != torch.int32:
+            _fail(op, f"cu_seqlens_q must be int32, got {cu_seqlens_q.dtype}")
+        if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] != S + 1:
+            _fail(op, f"cu_seqlens_q must have shape [S + 1] = [{S + 1}] (block_table dim 0 = S "
+                      f"sequences), got {_shape(cu_seqlens_q)}")
+        if B != 1:
+            _fail(op, f"q must have batch size 1 with cu_seqlens_q (sequences packed along dim "
+                      f"1), got B={B}")
+    elif B != S:
+        _fail(op, f"q must have one batch row per sequence (block_table dim 0 = S = {S}), got "
+                  f"B={B}")
+    if not 1 <= D <= _MAX_HEAD_DIM:
+        _fail(op, f"q head dim D must be in [1, 256], got {D}")
+    num_pages, page_size, Hk, Dk = k_cache.shape
+    if Dk != D:
+        _fail(op, f"k_cache head dim must equal q head dim ({D}), got {Dk}")
+    if Hk < 1 or H % Hk != 0:
+        _fail(op, f"k_cache heads Hk must be >= 1 and divide the q heads H={H}, got Hk={Hk}")
+    if attn and v_cache.shape != k_cache.shape:
+        _fail(op, f"v_cache must have the shape of k_cache {_shape(k_cache)}, got "
+                  f"{_shape(v_cache)}")
+    if page_size < 1:
+        _fail(op, f"k_cache page size (dim 1) must be >= 1, got {page_size}")
+    for name, t in [("q", q), ("k_cache", k_cache)] + ([("v_cache", v_cache)] if attn else []):
+        if t.stride(3) != 1 and D != 1:
+            _fail(op, f"{name} must have a contiguous last dim, got strides {list(t.stride())}")
+    nbq = None
+    if attn:
+        for name, t in (("block_idx", block_idx), ("block_cnt", block_cnt)):
+            if t.device != q.device:
+                _fail(op, f"{name} must be on the device of q ({q.device}), got {t.device}")
+        if block_size not in _BSA_BLOCK_SIZES:
+            _fail(op, f"block_size must be 16, 32, 64 or 128, got {block_size}")
+        if block_idx.dtype != torch.int32:
+            _fail(op, f"block_idx must be int32, got {block_idx.dtype}")
+        if block_cnt.dtype != torch.int32:
+            _fail(op, f"block_cnt must be int32, got {block_cnt.dtype}")
+        if packed:
+            if block_idx.dim() != 4 or tuple(block_idx.shape[:2]) != (S, H):
+                _fail(op, f"block_idx must have shape [S, H, nbq_max, max_k] = [{S}, {H}, "
+                          f"nbq_max, max_k] with cu_seqlens_q, got {_shape(block_idx)}")
+        else:
+            nbq_d = -(-Nq // block_size)
+            if block_idx.dim() != 4 or tuple(block_idx.shape[:3]) != (S, H, nbq_d):
+                _fail(op, f"block_idx must have shape [S, H, nbq, max_k] = [{S}, {H}, {nbq_d}, "
+                          f"max_k] (nbq = ceil(Nq / block_size)), got {_shape(block_idx)}")
+        nbq = block_idx.shape[2]
+        if block_cnt.dim() != 3 or tuple(block_cnt.shape) != (S, H, nbq):
+            _fail(op, f"block_cnt must have shape [S, H, nbq] = [{S}, {H}, {nbq}], got "
+                      f"{_shape(block_cnt)}")
+    elif not isinstance(block_size, int) or block_size < 1:
+        _fail(op, f"block_size must be >= 1, got {block_size}")
+    if scale is not None and not math.isfinite(scale):
+        _fail(op, f"scale must be finite, got {scale}")
+    if not check_values:
+        return S, packed
+    cap = max_pages * page_size
+    cq = cu_seqlens_q.tolist() if packed else None
+    if packed:
+        if cq[0] != 0:
+            _fail(op, f"cu_seqlens_q[0] must be 0, got {cq[0]}")
+        for s in range(S):
+            if cq[s + 1] < cq[s]:
+                _fail(op, f"cu_seqlens_q must be non-decreasing, got cu_seqlens_q[{s + 1}]="
+                          f"{cq[s + 1]} < cu_seqlens_q[{s}]={cq[s]}")
+        if cq[S] != Nq:
+            _fail(op, f"cu_seqlens_q[-1] must equal the packed length (dim 1 of q = {Nq}), got "
+                      f"{cq[S]}")
+    lens, table = seq_lens_k.tolist(), block_table.tolist()
+    for s in range(S):
+        nk = lens[s]
+        if not 0 <= nk <= cap:
+            _fail(op, f"seq_lens_k[{s}]={nk} must be in [0, max_pages * page_size = {cap}] "
+                      f"(block_table dim 1 = {max_pages}, k_cache dim 1 = {page_size})")
+        used = -(-nk // page_size)
+        for p in range(used):
+            if not 0 <= table[s][p] < num_pages:
+                _fail(op, f"block_table[{s}, {p}]={table[s][p]} must be a page of k_cache in "
+                          f"[0, num_pages={num_pages}) (sequence {s} reads its first {used} "
+                          f"pages)")
+        if not packed:
+            if Nq > nk:
+                _fail(op, f"q length Nq={Nq} must be <= seq_lens_k[{s}]={nk} (every sequence's "
+                          f"queries are its last Nq positions)")
+        else:
+            nq = cq[s + 1] - cq[s]
+            if nq > nk:
+                _fail(op, f"sequence {s} has nq={nq} queries > seq_lens_k[{s}]={nk} keys; its "
+                          f"queries must be the last nq of its positions")
+            if attn and -(-nq // block_size) > nbq:
+                _fail(op, f"block_idx dim 2 (nbq_max={nbq}) must be >= ceil(nq / block_size)="
+                          f"{-(-nq // block_size)} of sequence {s} (nq={nq})")
+    if attn:
+        max_k = block_idx.shape[3]
+        idx, cnt = block_idx.cpu(), block_cnt.cpu()
+        for s in range(S):
+            nq = (cq[s + 1] - cq[s]) if packed else Nq
+            nk = lens[s]
+            nbk_s = -(-nk // block_size)
+            for h in range(H):
+                for r in range(-(-nq // block_size)):
+                    n = int(cnt[s, h, r])
+                    if not 0 <= n <= max_k:
+                        _fail(op, f"block_cnt values must be in [0, max_k={max_k}], got {n} at "
+                                  f"sequence {s} head {h} query block {r}")
+                    for e, c in enumerate(idx[s, h, r, :n].tolist()):
+                        if not 0 <= c < nbk_s:
+                            _fail(op, f"block_idx values must be in [0, nbk={nbk_s}) of sequence "
+                                      f"{s} (nbk = ceil(nk / block_size), nk={nk}), got {c} at "
+                                      f"sequence {s} head {h} query block {r} entry {e}")
+    return S, packed
+
+
+def gather_paged_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_lens_k: torch.Tensor,
+                    s: int) -> torch.Tensor:
+    """The ``[seq_lens_k[s], Hk, D]`` rows of sequence s from a ``[num_pages, page_size, Hk, D]``
+    cache, by plain indexing: page ``block_table[s, j // page_size]``, row ``j % page_size``."""
+    nk = int(seq_lens_k[s])
+    page_size = cache.shape[1]
+    j = torch.arange(nk, device=cache.device)
+    pages = block_table[s].to(cache.device).long()[j // page_size]
+    return cache[pages, j % page_size]
+
+
+def _paged_queries(q, cu_seqlens_q, S):
+    """[(q rows of sequence s as [1, nq_s, H, D])] for every s."""
+    if cu_seqlens_q is None:
+        return [q[s:s + 1] for s in range(S)]
+    cq = cu_seqlens_q.tolist()
+    return [q[:, cq[s]:cq[s + 1]] for s in range(S)]
+
+
+def reference_block_sparse_attention_paged(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens_k: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_cnt: torch.Tensor,
+    block_size: int,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged-KV block-sparse attention: each sequence's keys and values are gathered from the
+    pages (``gather_paged_kv``) and the dense masked formula is applied per sequence, in
+    ``dtype``. q [S, Nq, H, D] (dense) or [1, total_q, H, D] with cu_seqlens_q [S + 1].
+
+    Returns out (q's layout and dtype) and lse float32 [S, H, Nq] / [1, H, total_q]."""
+    S, packed = check_paged_args("block_sparse_attention_paged", q, k_cache, v_cache,
+                                 block_table, seq_lens_k, cu_seqlens_q, block_size, scale,
+                                 block_idx, block_cnt)
+    outs, lses = [], []
+    for s, qs in enumerate(_paged_queries(q, cu_seqlens_q, S)):
+        nbq_s = -(-qs.shape[1] // block_size)
+        ks = gather_paged_kv(k_cache, block_table, seq_lens_k, s).unsqueeze(0)
+        vs = gather_paged_kv(v_cache, block_table, seq_lens_k, s).unsqueeze(0)
+        o, l = _dense_block_sparse_attention(qs, ks, vs, block_idx[s:s + 1, :, :nbq_s],
+                                             block_cnt[s:s + 1, :, :nbq_s], block_size, scale,
+                                             causal, dtype)
+        outs.append(o)
+        lses.append(l)
+    if not outs:  # S = 0
+        return (q.new_empty(q.shape).contiguous(),
+                torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32,
+                            device=q.device))
+    cat = 1 if packed else 0
+    return (torch.cat(outs, dim=cat).contiguous(),
+            torch.cat(lses, dim=2 if packed else 0).contiguous())
+
+
+def reference_flex_estimate_paged(
+    q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, seq_lens_k: torch.Tensor,
+    block_size: int, scale: Optional[float] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+    *, compute_dtype: torch.dtype = torch.float32,
+):
+    """Paged-KV FlexPrefill estimation: per sequence, ``reference_flex_estimate`` of its queries
+    and its keys gathered from the pages, in entries [0, ceil(nk_s / bs)) of its row of
+    ``[S, H, nb_max]`` outputs (nb_max = ceil(max_pages * page_size / bs)), zeros past them."""
+    S, _ = check_paged_args("flex_estimate_paged", q, k_cache, None, block_table, seq_lens_k,
+                            cu_seqlens_q, block_size, scale)
+    H = q.shape[2]
+    nb_max = flex_num_blocks(block_table.shape[1] * k_cache.shape[1], block_size)
+    outs = [torch.zeros(S, H, nb_max, dtype=torch.float32, device=q.device) for _ in range(3)]
+    for s, qs in enumerate(_paged_queries(q, cu_seqlens_q, S)):
+        ks = gather_paged_kv(k_cache, block_table, seq_lens_k, s).unsqueeze(0)
+        if ks.shape[1] == 0:
+            continue
+        res = reference_flex_estimate(qs, ks, block_size, scale, compute_dtype=compute_dtype)
+        nb_s = res[0].shape[-1]
+        for o, r in zip(outs, res):
+            o[s, :, :nb_s] = r[0]
+    return tuple(outs)

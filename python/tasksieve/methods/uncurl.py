@@ -24,6 +24,10 @@ the aligned weights are averaged with weights proportional to how often each mem
 router row of the merged expert is the same weighted mean of its members' rows: the merged logit then tracks the
 logits of the members that are actually chosen, which dominate the group's log-sum-exp, so the merged expert is
 selected where its members were.
+
+Measured (bench/results/uncurl/): on the MoEfied SmolLM2, whose experts are disjoint neuron slices of one dense MLP
+that add up, correlated router logits mark slices that fire together (complements, not substitutes), and merging
+them costs far more than PreMoe pruning. The premise needs experts with shared structure (trained or upcycled MoEs).
 """
 
 from __future__ import annotations

@@ -120,12 +120,82 @@ void block_sparse_attention(Case& c) {
         "BlockSparseAttentionLaunch");
 }
 
+// The paged caches arrive as one flat tensor `cache` (the storage the caller's views share)
+// plus element offsets and strides, so the kernels read the same strided layout as on a card.
+const void* at_offset(const Tensor& buf, int64_t elems) {
+  return static_cast<const char*>(buf.dev) + elems * static_cast<int64_t>(dtype_bytes(buf.dtype));
+}
+
+// block_sparse_attention_paged(q, k_cache, v_cache, block_table, seq_lens_k, block_idx,
+// block_cnt, block_size, scale, causal, cu_seqlens_q) -> (out, lse): out at::zeros, lse
+// at::full(-inf), as the glue. Caches: `cache` + k_offset / v_offset, num_pages, page_size, Hk
+// and the page / row / head strides k_sp, k_sn, k_sh, v_sp, v_sn, v_sh.
+void block_sparse_attention_paged(Case& c) {
+  Tensor& q = c.in("q");
+  Tensor& cache = c.in("cache");
+  Tensor& bt = c.in("block_table");
+  Tensor& sl = c.in("seq_lens_k");
+  Tensor& idx = c.in("block_idx");
+  Tensor& cnt = c.in("block_cnt");
+  Tensor* cu_q = c.opt("cu_seqlens_q");
+  const int64_t B = q.size(0), Nq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t S = bt.size(0), max_pages = bt.size(1);
+  Tensor& out = c.out("out", q.dtype, {B, Nq, H, D}, Init::kZero);
+  Tensor& lse = c.out("lse", "f32", {B, H, Nq}, Init::kGarbage);
+  if (lse.numel() > 0) {  // at::full(-inf)
+    std::vector<float> host(lse.numel(), -std::numeric_limits<float>::infinity());
+    check(cudaMemcpy(lse.dev, host.data(), lse.bytes(), cudaMemcpyHostToDevice), "lse fill");
+  }
+  const int64_t nbq = idx.size(2);
+  if (Nq == 0 || H == 0 || S == 0 || nbq == 0) return;
+  check(BlockSparseAttentionPagedLaunch(
+            float_dtype(q.dtype), q.dev, at_offset(cache, c.i("k_offset")),
+            at_offset(cache, c.i("v_offset")), bt.ptr<int32_t>(), sl.ptr<int32_t>(),
+            cu_q != nullptr ? cu_q->ptr<int32_t>() : nullptr, idx.ptr<int32_t>(),
+            cnt.ptr<int32_t>(), out.dev, lse.ptr<float>(), S, Nq, H, c.i("Hk"), D,
+            c.i("num_pages"), c.i("page_size"), max_pages, idx.size(3), nbq, c.i("block_size"),
+            Nq * H * D, H * D, D, c.i("k_sp"), c.i("k_sn"), c.i("k_sh"), c.i("v_sp"), c.i("v_sn"),
+            c.i("v_sh"), static_cast<float>(c.f("scale")), c.b("causal"), 0),
+        "BlockSparseAttentionPagedLaunch");
+}
+
+// flex_estimate_paged(q, k_cache, block_table, seq_lens_k, block_size, scale, cu_seqlens_q) ->
+// (vertical, slash, estimate) fp32 [S, H, nb_max] (at::empty); workspace at::empty bytes.
+void flex_estimate_paged(Case& c) {
+  Tensor& q = c.in("q");
+  Tensor& cache = c.in("cache");
+  Tensor& bt = c.in("block_table");
+  Tensor& sl = c.in("seq_lens_k");
+  Tensor* cu_q = c.opt("cu_seqlens_q");
+  const int64_t Nq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t S = bt.size(0), max_pages = bt.size(1);
+  const int64_t bs = c.i("block_size"), page_size = c.i("page_size"), Hk = c.i("Hk");
+  const int64_t nb_max = flex::num_blocks(max_pages * page_size, bs);
+  Tensor& vert = c.out("vertical", "f32", {S, H, nb_max}, Init::kGarbage);
+  Tensor& slash = c.out("slash", "f32", {S, H, nb_max}, Init::kGarbage);
+  Tensor& est = c.out("estimate", "f32", {S, H, nb_max}, Init::kGarbage);
+  if (vert.numel() == 0) return;
+  const size_t ws_bytes =
+      FlexEstimatePagedWorkspaceBytes(S, Nq, H, Hk, D, max_pages, page_size, bs);
+  void* ws = c.scratch(ws_bytes, Init::kGarbage);
+  check(FlexEstimatePagedLaunch(float_dtype(q.dtype), q.dev, at_offset(cache, c.i("k_offset")),
+                                bt.ptr<int32_t>(), sl.ptr<int32_t>(),
+                                cu_q != nullptr ? cu_q->ptr<int32_t>() : nullptr,
+                                vert.ptr<float>(), slash.ptr<float>(), est.ptr<float>(), ws,
+                                ws_bytes, S, Nq, H, Hk, D, c.i("num_pages"), page_size, max_pages,
+                                bs, Nq * H * D, H * D, D, c.i("k_sp"), c.i("k_sn"), c.i("k_sh"),
+                                static_cast<float>(c.f("scale")), 0),
+        "FlexEstimatePagedLaunch");
+}
+
 void dispatch(Case& c) {
   const std::string& op = c.op();
   if (op == "js_divergence") return js_divergence(c);
   if (op == "flex_estimate") return flex_estimate(c);
   if (op == "select_blocks") return select_blocks(c);
   if (op == "block_sparse_attention") return block_sparse_attention(c);
+  if (op == "block_sparse_attention_paged") return block_sparse_attention_paged(c);
+  if (op == "flex_estimate_paged") return flex_estimate_paged(c);
   throw std::runtime_error("sim_flexprefill: unknown op " + op);
 }
 

@@ -55,3 +55,51 @@ def block_sparse_attention(q, k, v, block_idx, block_cnt, block_size, scale=None
         "scale": _scale(scale, q.shape[-1]), "causal": bool(causal),
         "cu_seqlens_q": None if cu_seqlens_q is None else _c(cu_seqlens_q),
         "cu_seqlens_k": None if cu_seqlens_k is None else _c(cu_seqlens_k)})
+
+
+def _cache_storage(k_cache: torch.Tensor, v_cache: torch.Tensor | None = None):
+    """(flat tensor holding the caches' memory, k element offset, v element offset): the
+    runner reads the caches through their own strides, as the CUDA glue hands them over."""
+    def flat(t):
+        st = t.untyped_storage()
+        return torch.empty(0, dtype=t.dtype).set_(st, 0, (st.nbytes() // t.element_size(),),
+                                                  (1,))
+
+    fk = flat(k_cache)
+    if v_cache is None:
+        return fk, k_cache.storage_offset(), 0
+    if v_cache.untyped_storage().data_ptr() == k_cache.untyped_storage().data_ptr():
+        return fk, k_cache.storage_offset(), v_cache.storage_offset()
+    return (torch.cat([fk, flat(v_cache)]), k_cache.storage_offset(),
+            fk.numel() + v_cache.storage_offset())
+
+
+def _strides(prefix: str, t: torch.Tensor) -> dict:
+    return {f"{prefix}_sp": t.stride(0), f"{prefix}_sn": t.stride(1), f"{prefix}_sh": t.stride(2)}
+
+
+@register(FAMILY, "block_sparse_attention_paged")
+def block_sparse_attention_paged(q, k_cache, v_cache, block_table, seq_lens_k, block_idx,
+                                 block_cnt, block_size, scale=None, causal=True,
+                                 cu_seqlens_q=None) -> Case:
+    buf, k_off, v_off = _cache_storage(k_cache, v_cache)
+    return Case("block_sparse_attention_paged", {
+        "q": _c(q), "cache": buf, "k_offset": k_off, "v_offset": v_off,
+        "num_pages": k_cache.shape[0], "page_size": k_cache.shape[1], "Hk": k_cache.shape[2],
+        **_strides("k", k_cache), **_strides("v", v_cache),
+        "block_table": _c(block_table), "seq_lens_k": _c(seq_lens_k),
+        "block_idx": _c(block_idx), "block_cnt": _c(block_cnt), "block_size": int(block_size),
+        "scale": _scale(scale, q.shape[-1]), "causal": bool(causal),
+        "cu_seqlens_q": None if cu_seqlens_q is None else _c(cu_seqlens_q)})
+
+
+@register(FAMILY, "flex_estimate_paged")
+def flex_estimate_paged(q, k_cache, block_table, seq_lens_k, block_size, scale=None,
+                        cu_seqlens_q=None) -> Case:
+    buf, k_off, _ = _cache_storage(k_cache)
+    return Case("flex_estimate_paged", {
+        "q": _c(q), "cache": buf, "k_offset": k_off, "num_pages": k_cache.shape[0],
+        "page_size": k_cache.shape[1], "Hk": k_cache.shape[2], **_strides("k", k_cache),
+        "block_table": _c(block_table), "seq_lens_k": _c(seq_lens_k),
+        "block_size": int(block_size), "scale": _scale(scale, q.shape[-1]),
+        "cu_seqlens_q": None if cu_seqlens_q is None else _c(cu_seqlens_q)})

@@ -406,15 +406,19 @@ def _bsa_inputs(B, Nq, Nk, H, Hk, D, bs, dtype, seed, density=0.6, empty_rows=Fa
     return q, k, v, idx, cnt
 
 
-def _check_bsa(case, out, lse, args, kwargs):
+def _check_bsa(case, out, lse, args, kwargs, paged=False):
     """out / lse of the kernel vs the fp64 reference (flash-attention bound, the baseline is the
-    reference computed in the kernel's dtype) and vs the CPU op on the same inputs."""
+    reference computed in the kernel's dtype) and vs the CPU op on the same inputs (`paged`:
+    the block_sparse_attention_paged op and reference)."""
     q = args[0]
-    cpu_out, cpu_lse = ops.block_sparse_attention(*args, **kwargs)
+    op = ops.block_sparse_attention_paged if paged else ops.block_sparse_attention
+    reference = (ref.reference_block_sparse_attention_paged if paged
+                 else ref.reference_block_sparse_attention)
+    cpu_out, cpu_lse = op(*args, **kwargs)
     f32 = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
            for a in args]
-    r_out, r_lse = ref.reference_block_sparse_attention(*f32, **kwargs, dtype=torch.float64)
-    s_out, s_lse = ref.reference_block_sparse_attention(*args, **kwargs, dtype=q.dtype)
+    r_out, r_lse = reference(*f32, **kwargs, dtype=torch.float64)
+    s_out, s_lse = reference(*args, **kwargs, dtype=q.dtype)
     assert out.shape == cpu_out.shape and out.dtype == q.dtype
     assert lse.shape == cpu_lse.shape and lse.dtype == torch.float32
     # fully masked rows: lse -inf and out exactly 0, as the CPU op and the reference
@@ -434,7 +438,7 @@ def _check_bsa(case, out, lse, args, kwargs):
     # differ by <= u * max|v| (P's relative rounding, sum_j p_j = 1) + 2 u max|out| (two output
     # roundings), u = unit roundoff (fp16 2^-11, bf16 2^-8)
     u = {torch.float16: 2**-11, torch.bfloat16: 2**-8}[q.dtype]
-    vmax = float(args[2].float().abs().max()) if args[2].numel() else 0.0
+    vmax = float(args[2].float().abs().max()) if args[2].numel() else 0.0  # v (or v_cache)
     omax = float(cpu_out.float().abs().max()) if cpu_out.numel() else 0.0
     assert_close_tol("block_sparse_attention", f"out {case} vs CPU op", out.float(),
                      cpu_out.float(), atol=u * (vmax + 2 * omax), dtype=q.dtype)
@@ -632,3 +636,185 @@ def test_block_sparse_attention_varlen_malformed_offsets(sim):
                         floor=floor)
         assert_fa_close("block_sparse_attention", f"varlen lse {key}", lse[..., one],
                         l64[..., one], ls_[..., one], floor=1e-5, dtype=q.dtype)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged KV: block_sparse_attention_paged, flex_estimate_paged. Their cases run in a process of
+# their own (fixture sim_paged), so `-k paged` runs only these. Problems come from
+# tests/test_paged_flexprefill.py: sequences of different lengths in shuffled pages of both
+# cache layouts, garbage past each sequence's used table entries and index counts.
+# ---------------------------------------------------------------------------------------------
+
+from test_paged_flexprefill import Problem  # noqa: E402  (tests/ is on sys.path)
+
+_PAGED_BUILDERS = []
+
+
+def _paged_cases(fn):
+    _PAGED_BUILDERS.append(fn)
+    return fn
+
+
+@pytest.fixture(scope="module")
+def sim_paged():
+    calls = [c for b in _PAGED_BUILDERS for c in b()]
+    keys = [c[0] for c in calls]
+    assert len(set(keys)) == len(keys), "duplicate case keys"
+    results = run_many([(op, a, kw) for _, op, a, kw in calls])
+    return {key: (a, kw, r) for (key, _, a, kw), r in zip(calls, results)}
+
+
+def _gathered_varlen(p):
+    """The problem as a contiguous packed varlen call on the gathered keys and values:
+    (q [1, total_q, H, D], k, v [1, total_k, Hk, D], idx, cnt, cu_q, cu_k)."""
+    ks, vs = zip(*(p.kv(s) for s in range(p.S)))
+    k, v = torch.cat(ks, 1), torch.cat(vs, 1)
+    if p.packed:
+        q, cu_q = p.q, p.cu
+    else:
+        q = p.q.reshape(1, -1, *p.q.shape[2:])
+        cu_q = torch.arange(p.S + 1, dtype=torch.int32) * p.q.shape[1]
+    cu_k = torch.tensor([0] + torch.tensor(p.nks).cumsum(0).tolist(), dtype=torch.int32)
+    return q, k, v, p.idx, p.cnt, cu_q, cu_k
+
+
+# name, nks, nqs, packed, H, Hk, D, page_size, bs, causal, dtype, layout
+BSA_PAGED = [
+    ("dense ps16", [70, 45], [45, 45], False, 4, 2, 64, 16, 16, True, F16, "flash_attn"),
+    ("packed ps3", [40, 33, 9, 1], [40, 1, 0, 1], True, 2, 1, 128, 3, 32, True, BF16,
+     "cpu_attn"),
+    ("packed ps1 noncausal", [70, 20], [5, 20], True, 2, 2, 64, 1, 64, False, F16, "cpu_attn"),
+    ("dense ps3 nq1", [50, 64], [1, 1], False, 4, 1, 64, 3, 32, True, BF16, "flash_attn"),
+]
+
+
+def _bsa_paged_problem(i):
+    name, nks, nqs, packed, H, Hk, D, ps, bs, causal, dtype, layout = BSA_PAGED[i]
+    return name, Problem(nks, nqs, packed, H, Hk, D, ps, bs, dtype, layout, "cpu", 400 + i,
+                         density=0.7), causal
+
+
+@_paged_cases
+def _bsa_paged_cases():
+    out = []
+    for i in range(len(BSA_PAGED)):
+        name, p, causal = _bsa_paged_problem(i)
+        kw = dict(scale=None, causal=causal, cu_seqlens_q=p.cu)
+        out.append((f"bsapaged ok {name}", "block_sparse_attention_paged", p.attn_args(), kw))
+        q, k, v, idx, cnt, cu_q, cu_k = _gathered_varlen(p)
+        out.append((f"bsapaged twin {name}", "block_sparse_attention", (q, k, v, idx, cnt),
+                    dict(block_size=p.bs, scale=None, causal=causal, cu_seqlens_q=cu_q,
+                         cu_seqlens_k=cu_k)))
+    # malformed values (the CPU op raises; the CUDA op clamps): page ids outside the cache,
+    # lengths past the table's capacity or negative, offsets out of order
+    _, p, _ = _bsa_paged_problem(1)
+    bt = p.block_table.clone()
+    bt[0, 0], bt[1, 1] = -7, 10**6
+    bad = [("page ids", bt, p.seq_lens, p.cu),
+           ("lengths", p.block_table, torch.tensor([10**9, -4, 9, 1], dtype=torch.int32), p.cu),
+           ("offsets", p.block_table, p.seq_lens,
+            torch.tensor([-9, 30, 2, 10**9, 5], dtype=torch.int32))]
+    for name, table, lens, cu in bad:
+        out.append((f"bsapaged bad {name}", "block_sparse_attention_paged",
+                    (p.q, p.k, p.v, table, lens, p.idx, p.cnt, p.bs),
+                    dict(scale=None, causal=True, cu_seqlens_q=cu)))
+    return out
+
+
+def test_block_sparse_attention_paged(sim_paged):
+    """vs the CPU op and the fp64 reference (flash-attention bound), and bit for bit the
+    contiguous varlen kernel on the gathered keys and values (same math, other loads)."""
+    for i in range(len(BSA_PAGED)):
+        name, p, causal = _bsa_paged_problem(i)
+        key = f"bsapaged ok {name}"
+        args, kw, res = sim_paged[key]
+        out, lse = res.unwrap()
+        _check_bsa(key, out, lse, args, kw, paged=True)
+        t_out, t_lse = sim_paged[f"bsapaged twin {name}"][2].unwrap()
+        assert_equal("block_sparse_attention_paged", f"out {name} vs contiguous kernel",
+                     out.reshape(t_out.shape), t_out, dtype=p.q.dtype)
+        want_lse = t_lse if p.packed else t_lse.view(p.H, p.S, -1).transpose(0, 1)
+        assert_equal("block_sparse_attention_paged", f"lse {name} vs contiguous kernel", lse,
+                     want_lse, dtype=p.q.dtype)
+
+
+def test_block_sparse_attention_paged_malformed_values(sim_paged):
+    """Malformed page ids, lengths and offsets: the kernel clamps them (no fault, finite
+    outputs); the CPU op rejects every one of them."""
+    for key, args, kw, res in _get(sim_paged, "bsapaged bad "):
+        out, lse = res.unwrap()
+        with pytest.raises(RuntimeError, match="tasksieve.block_sparse_attention_paged"):
+            ops.block_sparse_attention_paged(*args, **kw)
+        assert out.shape == args[0].shape and torch.isfinite(out.float()).all(), key
+        assert not torch.isnan(lse).any(), key
+        record("block_sparse_attention_paged", args[0].dtype, f"{key}: finite, in bounds", 0.0,
+               0.0, True)
+
+
+# name, nks, nqs, packed, H, Hk, D, page_size, bs, dtype, layout
+EST_PAGED = [
+    ("dense ps16", [70, 45], [20, 20], False, 4, 2, 64, 16, 16, F32, "flash_attn"),
+    ("packed ps3", [100, 33, 9], [100, 1, 0], True, 2, 1, 64, 3, 32, BF16, "cpu_attn"),
+    ("packed ps1 D128", [40, 65], [3, 65], True, 2, 2, 128, 1, 64, F16, "flash_attn"),
+    ("dense equal ps3", [45, 45], [45, 45], False, 2, 1, 64, 3, 16, F16, "cpu_attn"),
+]
+
+
+def _est_paged_problem(i):
+    name, nks, nqs, packed, H, Hk, D, ps, bs, dtype, layout = EST_PAGED[i]
+    return name, Problem(nks, nqs, packed, H, Hk, D, ps, bs, dtype, layout, "cpu", 500 + i)
+
+
+@_paged_cases
+def _est_paged_cases():
+    out = []
+    for i in range(len(EST_PAGED)):
+        name, p = _est_paged_problem(i)
+        scale = None if i % 2 else 0.3
+        out.append((f"estpaged ok {name}", "flex_estimate_paged", p.est_args(),
+                    dict(scale=scale, cu_seqlens_q=p.cu)))
+        if not p.packed and len(set(p.nks)) == 1:  # a contiguous twin on the gathered keys
+            k = torch.cat([p.kv(s)[0] for s in range(p.S)], 0)
+            out.append((f"estpaged twin {name}", "flex_estimate", (p.q, k, p.bs, scale), {}))
+    _, p = _est_paged_problem(1)
+    bt = p.block_table.clone()
+    bt[0, 0] = -3
+    out.append(("estpaged bad lengths and pages", "flex_estimate_paged",
+                (p.q, p.k, bt, torch.tensor([10**9, 33, -1], dtype=torch.int32), p.bs),
+                dict(scale=None, cu_seqlens_q=p.cu)))
+    return out
+
+
+def test_flex_estimate_paged(sim_paged):
+    for i in range(len(EST_PAGED)):
+        name, p = _est_paged_problem(i)
+        args, kw, res = sim_paged[f"estpaged ok {name}"]
+        outs = res.unwrap()
+        cpu = ops.flex_estimate_paged(*args, **kw)
+        ref64 = ref.reference_flex_estimate_paged(*args, **kw, compute_dtype=torch.float64)
+        same = ref.reference_flex_estimate_paged(*args, **kw, compute_dtype=torch.float32)
+        dtype = p.q.dtype
+        for oname, o, c, r, s_ in zip(("vertical", "slash", "estimate"), outs, cpu, ref64, same):
+            assert o.shape == c.shape and o.dtype == torch.float32, (name, oname)
+            assert_close_tol("flex_estimate_paged", f"{oname} {name} vs CPU op", o, c,
+                             atol=max(max(p.nks), 32) * 6e-8, dtype=dtype)
+            assert_fa_close("flex_estimate_paged", f"{oname} {name}", o, r, s_, floor=1e-6,
+                            dtype=dtype)
+        twin = sim_paged.get(f"estpaged twin {name}")
+        if twin is not None:
+            for oname, o, t in zip(("vertical", "slash", "estimate"), outs, twin[2].unwrap()):
+                nb = t.shape[-1]  # the table's capacity may hold more blocks: zeros there
+                assert_equal("flex_estimate_paged", f"{oname} {name} vs contiguous kernel",
+                             o[..., :nb], t, dtype=dtype)
+                assert (o[..., nb:] == 0).all(), (name, oname)
+
+
+def test_flex_estimate_paged_malformed_values(sim_paged):
+    for key, args, kw, res in _get(sim_paged, "estpaged bad "):
+        outs = res.unwrap()
+        with pytest.raises(RuntimeError, match="tasksieve.flex_estimate_paged"):
+            ops.flex_estimate_paged(*args, **kw)
+        for o in outs:
+            assert torch.isfinite(o).all(), key
+        record("flex_estimate_paged", args[0].dtype, f"{key}: finite, in bounds", 0.0, 0.0, True)

@@ -27,8 +27,24 @@
 // the rows of such sequences (and query blocks past nbq_max) are then not, or not uniquely,
 // written: the caller pre-fills out with 0 and lse with -inf to keep uncovered rows defined.
 //
+//   BlockSparseAttentionPaged<T>(q, k_cache, v_cache, block_table, seq_lens_k, cu_seqlens_q,
+//                                block_idx, block_cnt, out, lse, S, Nq, H, Hk, D, num_pages,
+//                                page_size, max_pages, max_k, nbq, block_size, strides...,
+//                                scale, causal, stream) -> cudaError_t
+//
+// Paged KV (block_sparse_attention_paged): k_cache / v_cache [num_pages, page_size, Hk, D] with
+// page / row / head element strides; key j of sequence s is row j % page_size of page
+// block_table[s, j / page_size] (paged_index.h; rows read through PagedRows, kv_rows.cuh).
+// Queries dense q [S, Nq, H, D] (cu_seqlens_q == nullptr) or packed [total_q, H, D] (Nq =
+// total_q). Sequence s has paged::seq_span's nq_s queries and nk_s keys: seq_lens_k clamped into
+// [0, max_pages * page_size] (0 without pages), page ids into the cache, offsets like varlen,
+// nq_s <= nk_s; the caller pre-fills out with 0 and lse with -inf (rows no sequence writes).
+//
 // Kernel: one CTA of 4 warps per (b or sequence s, h, query block r, 64-row chunk of the
-// block); in varlen mode a CTA whose query block lies past its sequence's end exits at once.
+// block); in varlen and paged mode a CTA whose query block lies past its sequence's end exits
+// at once. K/V rows come from a row source (ContigRows, or PagedRows in paged mode), so the
+// three modes share one kernel body (Mode is a template argument: the dense instantiation is
+// the same code as before the other modes existed).
 // The Q chunk [64, D] sits in shared memory; the listed key blocks are walked in 64-key
 // sub-tiles:
 //   K sub-tile -> smem; S = Q K^T with WMMA m16n16k16 (fp32 accumulate), each warp 16 rows;
@@ -51,6 +67,8 @@
 #include "tasksieve/common.h"
 #include "tasksieve/cuda_convert.cuh"
 #include "tasksieve/dtype.cuh"
+#include "tasksieve/kv_rows.cuh"
+#include "tasksieve/paged_index.h"
 
 namespace tasksieve {
 
@@ -81,34 +99,39 @@ struct Smem {
 using cuda_convert::from_float;
 using cuda_convert::to_float;
 
-// rows [0, nrows) of a [kRows, D] tile from global rows `src + r * stride` (D contiguous T),
-// zero-filled past nrows. 16-byte loads when `vec` (pointer and stride 8-element aligned).
-template <typename T, int D, int kRows>
-__device__ __forceinline__ void LoadTile(T* __restrict__ dst, int ld, const T* __restrict__ src,
-                                         int64_t stride, int nrows, bool vec) {
+// rows [0, nrows) of a [kRows, D] tile from global rows rows(j0 + r) (D contiguous T each),
+// zero-filled past nrows. 16-byte loads when `vec` (every row pointer 8-element aligned).
+template <typename T, int D, int kRows, class Rows>
+__device__ __forceinline__ void LoadTile(T* __restrict__ dst, int ld, const Rows& rows,
+                                         int64_t j0, int nrows, bool vec) {
   static_assert(sizeof(T) == 2, "16-bit types only");
   if (vec) {
     constexpr int kChunks = D / 8;  // uint4 = 8 elements
     for (int e = threadIdx.x; e < kRows * kChunks; e += kThreads) {
       const int r = e / kChunks, c = e % kChunks;
       uint4 val = make_uint4(0u, 0u, 0u, 0u);
-      if (r < nrows) val = *reinterpret_cast<const uint4*>(src + r * stride + c * 8);
+      if (r < nrows) val = *reinterpret_cast<const uint4*>(rows(j0 + r) + c * 8);
       *reinterpret_cast<uint4*>(dst + r * ld + c * 8) = val;
     }
   } else {
     for (int e = threadIdx.x; e < kRows * D; e += kThreads) {
       const int r = e / D, c = e % D;
       T val = from_float<T>(0.f);
-      if (r < nrows) val = src[r * stride + c];
+      if (r < nrows) val = rows(j0 + r)[c];
       dst[r * ld + c] = val;
     }
   }
 }
 
-// Nq, Nk: the token dims of the tensors (packed totals in varlen mode); nbq: query blocks per
-// index row (ceil(Nq / bs) dense, nbq_max varlen). Varlen is a template flag so the dense
-// instantiation compiles to the same code as before varlen existed (cu_q, cu_k unused there).
-template <typename T, int D, bool Varlen>
+enum Mode : int { kDense = 0, kVarlen = 1, kPaged = 2 };
+
+// Nq, Nk: the token dims of the tensors (packed totals in varlen mode; Nq = q dim 1 and Nk
+// unused in paged mode); nbq: query blocks per index row (ceil(Nq / bs) dense, nbq_max varlen /
+// packed). M (Mode) is a template argument so the dense instantiation compiles to the same code
+// as before the other modes existed (cu_q, cu_k and pg unused there). Paged: k, v point at the
+// caches, ks*/vs* are their row and head strides, pg carries the table, lengths and page strides;
+// cu_q is nullptr for dense queries.
+template <typename T, int D, int M>
 __global__ void __launch_bounds__(kThreads)
     BlockSparseAttentionKernel(const T* __restrict__ q, const T* __restrict__ k,
                                const T* __restrict__ v, const int32_t* __restrict__ block_idx,
@@ -119,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
                                int64_t bs, int64_t chunks, int64_t qsb, int64_t qsn, int64_t qsh,
                                int64_t ksb, int64_t ksn, int64_t ksh, int64_t vsb, int64_t vsn,
                                int64_t vsh, float scale_log2, bool causal, bool vec_q,
-                               bool vec_kv) {
+                               bool vec_kv, PagedKV pg) {
   using namespace nvcuda;
   using S = Smem<D>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -142,11 +165,17 @@ __global__ void __launch_bounds__(kThreads)
   // The problem of this CTA: Nq_s queries (the last of Nk_s keys) from token row sq0 of batch
   // row b, keys from row sk0. Dense: the whole batch row s.
   int64_t b = s, sq0 = 0, sk0 = 0, Nq_s = Nq, Nk_s = Nk;
-  if constexpr (Varlen) {
+  if constexpr (M == kVarlen) {
     const block::SeqSpan sp = block::seq_span(cu_q, cu_k, s, Nq, Nk);
     b = 0;
     sq0 = sp.q_begin;
     sk0 = sp.k_begin;
+    Nq_s = sp.nq;
+    Nk_s = sp.nk;
+  } else if constexpr (M == kPaged) {
+    const paged::SeqSpan sp = paged::seq_span(cu_q, pg.seq_lens, s, Nq, pg.kv_cap());
+    b = cu_q != nullptr ? 0 : s;
+    sq0 = sp.q_begin;
     Nq_s = sp.nq;
     Nk_s = sp.nk;
   }
@@ -158,8 +187,8 @@ __global__ void __launch_bounds__(kThreads)
   const int mq = static_cast<int>(q1 - q0);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const T* qbase = q + b * qsb + h * qsh + (sq0 + q0) * qsn;
-  LoadTile<T, D, kBM>(sQ, S::kLdQ, qbase, qsn, mq, vec_q);
+  const ContigRows<T> qrows{q + b * qsb + h * qsh + sq0 * qsn, qsn};
+  LoadTile<T, D, kBM>(sQ, S::kLdQ, qrows, q0, mq, vec_q);
   for (int e = threadIdx.x; e < kBM * D; e += kThreads) sO[(e / D) * S::kLdO + e % D] = 0.f;
   for (int e = threadIdx.x; e < kBM; e += kThreads) {
     sM[e] = ts_neg_inf();
@@ -170,8 +199,18 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = (s * H + h) * nbq + r;
   const int64_t n = block::clamp_block_count(static_cast<int64_t>(block_cnt[row]), max_k);
   const int32_t* cols = block_idx + row * max_k;
-  const T* kbase = k + b * ksb + hk * ksh + sk0 * ksn;
-  const T* vbase = v + b * vsb + hk * vsh + sk0 * vsn;
+  // K/V row sources of this (sequence, KV head): rows of the tensors, or of the pages.
+  auto row_source = [&](const T* base, int64_t sb, int64_t sn, int64_t sh, int64_t sp) {
+    if constexpr (M == kPaged) {
+      return PagedRows<T>{base + hk * sh, pg.block_table + s * pg.max_pages, pg.page_size,
+                          pg.num_pages, sp, sn};
+    } else {
+      (void)sp;
+      return ContigRows<T>{base + b * sb + hk * sh + sk0 * sn, sn};
+    }
+  };
+  const auto krows = row_source(k, ksb, ksn, ksh, pg.k_page_stride);
+  const auto vrows = row_source(v, vsb, vsn, vsh, pg.v_page_stride);
 
   for (int64_t e = 0; e < n; ++e) {
     const int64_t c = cols[e];
@@ -182,7 +221,7 @@ __global__ void __launch_bounds__(kThreads)
       const auto vis = block::tile_visibility(q0, q1, k0, k1, Nq_s, Nk_s, causal);
       if (vis == block::kSkip) continue;
       const int nk = static_cast<int>(k1 - k0);
-      LoadTile<T, D, kBN>(sKV, S::kLdQ, kbase + k0 * ksn, ksn, nk, vec_kv);
+      LoadTile<T, D, kBN>(sKV, S::kLdQ, krows, k0, nk, vec_kv);
       __syncthreads();
 
       // S = Q K^T: warp w -> rows [16w, 16w + 16), all kBN columns.
@@ -248,7 +287,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();  // every warp is done with K before V overwrites it
 
-      LoadTile<T, D, kBN>(sKV, S::kLdQ, vbase + k0 * vsn, vsn, nk, vec_kv);
+      LoadTile<T, D, kBN>(sKV, S::kLdQ, vrows, k0, nk, vec_kv);
       __syncthreads();
 
       // O[16 rows of the warp, D] += P [16, kBN] V [kBN, D].
@@ -292,7 +331,8 @@ cudaError_t Launch(const T* q, const T* k, const T* v, const int32_t* block_idx,
                    float* lse, int64_t rows, int64_t Nq, int64_t Nk, int64_t H, int64_t Hk,
                    int64_t D, int64_t max_k, int64_t nbq, int64_t block_size, int64_t qsb,
                    int64_t qsn, int64_t qsh, int64_t ksb, int64_t ksn, int64_t ksh, int64_t vsb,
-                   int64_t vsn, int64_t vsh, float scale, bool causal, cudaStream_t stream) {
+                   int64_t vsn, int64_t vsh, float scale, bool causal, cudaStream_t stream,
+                   const PagedKV& pg = PagedKV{}) {
   if (block_size != 16 && block_size != 32 && block_size != 64 && block_size != 128)
     return cudaErrorInvalidValue;
   const int64_t chunks = ceil_div(block_size, static_cast<int64_t>(kBM));
@@ -300,8 +340,10 @@ cudaError_t Launch(const T* q, const T* k, const T* v, const int32_t* block_idx,
   if (grid == 0) return cudaSuccess;
   if (grid > 2147483647LL) return cudaErrorInvalidConfiguration;
   const bool vec_q = is_aligned(q, 16) && qsb % 8 == 0 && qsn % 8 == 0 && qsh % 8 == 0;
+  const bool paged = pg.block_table != nullptr;
   const bool vec_kv = is_aligned(k, 16) && is_aligned(v, 16) && ksb % 8 == 0 && ksn % 8 == 0 &&
-                      ksh % 8 == 0 && vsb % 8 == 0 && vsn % 8 == 0 && vsh % 8 == 0;
+                      ksh % 8 == 0 && vsb % 8 == 0 && vsn % 8 == 0 && vsh % 8 == 0 &&
+                      (!paged || (pg.k_page_stride % 8 == 0 && pg.v_page_stride % 8 == 0));
   const float scale_log2 = scale * 1.4426950408889634f;
   auto launch = [&](auto kernel, size_t smem) -> cudaError_t {
     cudaError_t err =
@@ -311,15 +353,18 @@ cudaError_t Launch(const T* q, const T* k, const T* v, const int32_t* block_idx,
     kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(
         q, k, v, block_idx, block_cnt, cu_q, cu_k, out, lse, Nq, Nk, H, Hk, max_k, nbq,
         block_size, chunks, qsb, qsn, qsh, ksb, ksn, ksh, vsb, vsn, vsh, scale_log2, causal,
-        vec_q, vec_kv);
+        vec_q, vec_kv, pg);
     return cudaGetLastError();
   };
-  if (cu_q != nullptr) {
-    if (D == 64) return launch(BlockSparseAttentionKernel<T, 64, true>, Smem<64>::kBytes);
-    if (D == 128) return launch(BlockSparseAttentionKernel<T, 128, true>, Smem<128>::kBytes);
+  if (paged) {
+    if (D == 64) return launch(BlockSparseAttentionKernel<T, 64, kPaged>, Smem<64>::kBytes);
+    if (D == 128) return launch(BlockSparseAttentionKernel<T, 128, kPaged>, Smem<128>::kBytes);
+  } else if (cu_q != nullptr) {
+    if (D == 64) return launch(BlockSparseAttentionKernel<T, 64, kVarlen>, Smem<64>::kBytes);
+    if (D == 128) return launch(BlockSparseAttentionKernel<T, 128, kVarlen>, Smem<128>::kBytes);
   } else {
-    if (D == 64) return launch(BlockSparseAttentionKernel<T, 64, false>, Smem<64>::kBytes);
-    if (D == 128) return launch(BlockSparseAttentionKernel<T, 128, false>, Smem<128>::kBytes);
+    if (D == 64) return launch(BlockSparseAttentionKernel<T, 64, kDense>, Smem<64>::kBytes);
+    if (D == 128) return launch(BlockSparseAttentionKernel<T, 128, kDense>, Smem<128>::kBytes);
   }
   return cudaErrorInvalidValue;
 }
@@ -360,6 +405,37 @@ cudaError_t BlockSparseAttentionVarlen(const T* q, const T* k, const T* v,
                                0, qsn, qsh, 0, ksn, ksh, 0, vsn, vsh, scale, causal, stream);
 }
 
+// Paged KV: S sequences; q dense [S, Nq, H, D] (strides qsb, qsn, qsh; cu_seqlens_q nullptr) or
+// packed [total_q, H, D] (Nq = total_q, cu_seqlens_q [S + 1]); k_cache / v_cache [num_pages,
+// page_size, Hk, D] with page / row / head strides; block_table int32 [S, max_pages] and
+// seq_lens_k [S] contiguous; block_idx [S, H, nbq, max_k], block_cnt [S, H, nbq]. The caller
+// pre-fills out with 0 and lse with -inf.
+template <typename T>
+cudaError_t BlockSparseAttentionPaged(
+    const T* q, const T* k_cache, const T* v_cache, const int32_t* block_table,
+    const int32_t* seq_lens_k, const int32_t* cu_seqlens_q, const int32_t* block_idx,
+    const int32_t* block_cnt, T* out, float* lse, int64_t S, int64_t Nq, int64_t H, int64_t Hk,
+    int64_t D, int64_t num_pages, int64_t page_size, int64_t max_pages, int64_t max_k,
+    int64_t nbq, int64_t block_size, int64_t qsb, int64_t qsn, int64_t qsh, int64_t ksp,
+    int64_t ksn, int64_t ksh, int64_t vsp, int64_t vsn, int64_t vsh, float scale, bool causal,
+    cudaStream_t stream) {
+  if (S == 0 || H == 0 || Nq == 0 || nbq == 0) return cudaSuccess;
+  if (Hk <= 0 || H % Hk != 0 || page_size <= 0 || block_table == nullptr ||
+      seq_lens_k == nullptr)
+    return cudaErrorInvalidValue;
+  PagedKV pg;
+  pg.block_table = block_table;
+  pg.seq_lens = seq_lens_k;
+  pg.max_pages = max_pages;
+  pg.page_size = page_size;
+  pg.num_pages = num_pages;
+  pg.k_page_stride = ksp;
+  pg.v_page_stride = vsp;
+  return bsa_detail::Launch<T>(q, k_cache, v_cache, block_idx, block_cnt, cu_seqlens_q, nullptr,
+                               out, lse, S, Nq, 0, H, Hk, D, max_k, nbq, block_size, qsb, qsn,
+                               qsh, 0, ksn, ksh, 0, vsn, vsh, scale, causal, stream, pg);
+}
+
 // The entry points of the CUDA glue and the simulator runner: the kernels above for the element
 // type `dt` of q, k, v and out (fp16 or bf16; fp32 gives cudaErrorInvalidValue). Dense: out and
 // lse need no initial content (every row is written). Varlen: the caller pre-fills out with 0
@@ -397,6 +473,24 @@ inline cudaError_t BlockSparseAttentionVarlenLaunch(
   });
 }
 
+inline cudaError_t BlockSparseAttentionPagedLaunch(
+    DType dt, const void* q, const void* k_cache, const void* v_cache,
+    const int32_t* block_table, const int32_t* seq_lens_k, const int32_t* cu_seqlens_q,
+    const int32_t* block_idx, const int32_t* block_cnt, void* out, float* lse, int64_t S,
+    int64_t Nq, int64_t H, int64_t Hk, int64_t D, int64_t num_pages, int64_t page_size,
+    int64_t max_pages, int64_t max_k, int64_t nbq, int64_t block_size, int64_t qsb, int64_t qsn,
+    int64_t qsh, int64_t ksp, int64_t ksn, int64_t ksh, int64_t vsp, int64_t vsn, int64_t vsh,
+    float scale, bool causal, cudaStream_t stream) {
+  return DispatchHalf(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return BlockSparseAttentionPaged<T>(
+        static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),
+        block_table, seq_lens_k, cu_seqlens_q, block_idx, block_cnt, static_cast<T*>(out), lse,
+        S, Nq, H, Hk, D, num_pages, page_size, max_pages, max_k, nbq, block_size, qsb, qsn, qsh,
+        ksp, ksn, ksh, vsp, vsn, vsh, scale, causal, stream);
+  });
+}
+
 #ifdef TASKSIEVE_COMPILE_CHECK
 #define TASKSIEVE_INSTANTIATE_BSA(T)                                                          \
   template cudaError_t BlockSparseAttention<T>(                                               \
@@ -413,6 +507,17 @@ TASKSIEVE_INSTANTIATE_BSA(__half)
 TASKSIEVE_INSTANTIATE_BSA(__nv_bfloat16)
 TASKSIEVE_INSTANTIATE_BSA_VARLEN(__half)
 TASKSIEVE_INSTANTIATE_BSA_VARLEN(__nv_bfloat16)
+template cudaError_t BlockSparseAttentionPaged<__half>(
+    const __half*, const __half*, const __half*, const int32_t*, const int32_t*, const int32_t*,
+    const int32_t*, const int32_t*, __half*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+    int64_t, int64_t, int64_t, int64_t, int64_t, float, bool, cudaStream_t);
+template cudaError_t BlockSparseAttentionPaged<__nv_bfloat16>(
+    const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, const int32_t*,
+    const int32_t*, const int32_t*, const int32_t*, const int32_t*, __nv_bfloat16*, float*,
+    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+    float, bool, cudaStream_t);
 #undef TASKSIEVE_INSTANTIATE_BSA
 #undef TASKSIEVE_INSTANTIATE_BSA_VARLEN
 #endif

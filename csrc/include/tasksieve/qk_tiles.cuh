@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "tasksieve/common.h"
+#include "tasksieve/kv_rows.cuh"
 
 namespace tasksieve {
 namespace qk_tiles {
@@ -47,15 +48,16 @@ struct TileSmem {
   float k[kKT][kDK + 1];  // +1: lane l reads row l -> distinct banks
 };
 
-// acc[r][c] = sum_{d < D} q[i0 + warp + kWarps*r][d] * k[j0 + lane + 32*c][d], where rows
-// i >= i_end or j >= j_end read as zeros. q / k point at the (b, head) slice; rows are strided,
-// the head dim is contiguous. Starts with __syncthreads, so callers may reuse shared memory
-// written before the call once every thread has passed it.
-template <typename T>
-__device__ __forceinline__ void TileDots(const T* __restrict__ q, int64_t q_stride_row,
-                                         int64_t i0, int64_t i_end, const T* __restrict__ k,
-                                         int64_t k_stride_row, int64_t j0, int64_t j_end, int D,
-                                         TileSmem& sm, float (&acc)[kRQ][kRK]) {
+// acc[r][c] = sum_{d < D} q[i0 + warp + kWarps*r][d] * key(j0 + lane + 32*c)[d], where rows
+// i >= i_end or j >= j_end read as zeros. q points at the (b, head) slice (rows strided);
+// krows(j) is a pointer to key j's D contiguous elements (ContigRows / PagedRows, kv_rows.cuh).
+// Starts with __syncthreads, so callers may reuse shared memory written before the call once
+// every thread has passed it.
+template <typename T, class Rows>
+__device__ __forceinline__ void TileDotsRows(const T* __restrict__ q, int64_t q_stride_row,
+                                             int64_t i0, int64_t i_end, const Rows& krows,
+                                             int64_t j0, int64_t j_end, int D, TileSmem& sm,
+                                             float (&acc)[kRQ][kRK]) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 #pragma unroll
   for (int r = 0; r < kRQ; ++r)
@@ -71,7 +73,7 @@ __device__ __forceinline__ void TileDots(const T* __restrict__ q, int64_t q_stri
     for (int e = tid; e < kKT * kDK; e += kThreads) {
       const int row = e / kDK, d = e % kDK;
       const int64_t j = j0 + row;
-      sm.k[row][d] = (j < j_end && d0 + d < D) ? ToFloat(k[j * k_stride_row + d0 + d]) : 0.f;
+      sm.k[row][d] = (j < j_end && d0 + d < D) ? ToFloat(krows(j)[d0 + d]) : 0.f;
     }
     __syncthreads();
     const int dn = ts_min(kDK, D - d0);
@@ -88,6 +90,16 @@ __device__ __forceinline__ void TileDots(const T* __restrict__ q, int64_t q_stri
       }
     }
   }
+}
+
+// The contiguous form: keys k[j * k_stride_row + d] of the (b, head) slice.
+template <typename T>
+__device__ __forceinline__ void TileDots(const T* __restrict__ q, int64_t q_stride_row,
+                                         int64_t i0, int64_t i_end, const T* __restrict__ k,
+                                         int64_t k_stride_row, int64_t j0, int64_t j_end, int D,
+                                         TileSmem& sm, float (&acc)[kRQ][kRK]) {
+  TileDotsRows(q, q_stride_row, i0, i_end, ContigRows<T>{k, k_stride_row}, j0, j_end, D, sm,
+               acc);
 }
 
 // (m, l) <- merge of two softmax partials; (-inf, 0) is the empty partial.

@@ -221,6 +221,59 @@ def run_varlen(ctx) -> list[dict]:
                      note="~25% of each sequence's causal blocks")]
 
 
+def run_paged(ctx) -> list[dict]:
+    """One row: a prefill chunk whose keys and values live in a paged cache
+    (block_sparse_attention_paged through a block table of shuffled pages, vLLM's CPU layout on
+    CPU, FlashAttention's on GPU) against the contiguous op on the same K/V, same block sets
+    (~25% of the causal blocks). S sequences of Nk keys, the chunk is their last Nq queries."""
+    from tasksieve import ops
+    from tasksieve.evaluation.bench import kernel_label, make_row
+
+    dev = ctx.device
+    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    S, Nk, Nq, H, Hk, D, P, bs = 2, 4096, 1024, 32, 8, 128, 16, 64
+    gen = torch.Generator(device=dev).manual_seed(777)
+    pages_per_seq = Nk // P
+    num_pages = S * pages_per_seq
+    layout = "flash_attn" if ctx.cuda else "cpu_attn"
+    if layout == "cpu_attn":
+        cache = torch.randn(num_pages, Hk, P, 2 * D, device=dev, generator=gen).to(dtype)
+    else:
+        cache = torch.randn(2, num_pages, P, Hk, D, device=dev, generator=gen).to(dtype)
+    kc, vc = ops.paged_kv_views(cache, layout, P, Hk, D)
+    perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(7))
+    table = perm.view(S, pages_per_seq).to(torch.int32).to(dev)
+    lens = torch.full((S,), Nk, dtype=torch.int32, device=dev)
+    q = torch.randn(S, Nq, H, D, device=dev, generator=gen).to(dtype)
+    k = kc[table.long()].reshape(S, Nk, Hk, D)  # gathered, contiguous
+    v = vc[table.long()].reshape(S, Nk, Hk, D)
+    full_idx, full_cnt = random_block_sets(S, H, Nk, bs, 0.25, dev, seed=25)
+    nbk, nbq = Nk // bs, Nq // bs
+    idx = full_idx[:, :, nbk - nbq:].contiguous()
+    cnt = full_cnt[:, :, nbk - nbq:].contiguous()
+
+    def paged():
+        return ops.block_sparse_attention_paged(q, kc, vc, table, lens, idx, cnt, bs)
+
+    def contiguous():
+        return ops.block_sparse_attention(q, k, v, idx, cnt, bs)
+
+    diff = (paged()[0].float() - contiguous()[0].float()).abs().max().item()
+    t_paged = ctx.time(paged)
+    t_cont = ctx.time(contiguous)
+    visited = int(cnt.sum())
+    return [make_row(ctx, family=FAMILY, case="block_sparse_paged_25pct",
+                     impl="ops.block_sparse_attention_paged", t=t_paged,
+                     baseline="ops.block_sparse_attention (contiguous K/V)", t_base=t_cont,
+                     dtype=dtype,
+                     shape=f"S{S} Nk{Nk} Nq{Nq} H{H} Hk{Hk} D{D} page{P} bs{bs}",
+                     kernel=kernel_label("block_sparse_attention_paged", dev),
+                     flops=4.0 * D * bs * bs * visited, ceiling="matmul",
+                     check=f"max |paged - contiguous| {diff:.1e}"
+                           + ("" if diff < 1e-2 else " MISMATCH"),
+                     note=f"{layout} cache layout, shuffled pages; ~25% of the causal blocks")]
+
+
 def run(ctx, shapes=None) -> list[dict]:
     """All FlexPrefill rows for `ctx.device` (default shapes per device and mode, or `shapes`:
     a list of `Shape` or of dicts of Shape fields)."""
@@ -228,7 +281,8 @@ def run(ctx, shapes=None) -> list[dict]:
 
     if shapes is None:
         shapes = default_shapes(ctx.device, ctx.quick)
-    return run_shapes(ctx, FAMILY, shapes, Shape, run_shape) + run_varlen(ctx)
+    return (run_shapes(ctx, FAMILY, shapes, Shape, run_shape) + run_varlen(ctx)
+            + run_paged(ctx))
 
 
 if __name__ == "__main__":

@@ -155,14 +155,56 @@ def run_shape(ctx, s: Shape) -> list[dict]:
     return rows
 
 
+def run_paged(ctx) -> list[dict]:
+    """One row: flex_estimate_paged on a prefill chunk whose keys live in a paged cache (shuffled
+    16-token pages; vLLM's CPU layout on CPU, FlashAttention's on GPU) against flex_estimate on the
+    same keys gathered contiguous. S sequences of Nk keys, the chunk is their last Nq queries."""
+    from tasksieve import ops
+    from tasksieve.evaluation.bench import kernel_label, make_row
+
+    dev = ctx.device
+    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    S, Nk, Nq, H, Hk, D, P, bs = 2, 4096, 1024, 32, 8, 128, 16, 128
+    gen = torch.Generator(device=dev).manual_seed(4321)
+    num_pages = S * (Nk // P)
+    layout = "flash_attn" if ctx.cuda else "cpu_attn"
+    if layout == "cpu_attn":
+        cache = torch.randn(num_pages, Hk, P, 2 * D, device=dev, generator=gen).to(dtype)
+    else:
+        cache = torch.randn(2, num_pages, P, Hk, D, device=dev, generator=gen).to(dtype)
+    kc, _ = ops.paged_kv_views(cache, layout, P, Hk, D)
+    perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(9))
+    table = perm.view(S, Nk // P).to(torch.int32).to(dev)
+    lens = torch.full((S,), Nk, dtype=torch.int32, device=dev)
+    q = torch.randn(S, Nq, H, D, device=dev, generator=gen).to(dtype)
+    k = kc[table.long()].reshape(S, Nk, Hk, D)
+
+    def paged():
+        return ops.flex_estimate_paged(q, kc, table, lens, bs)
+
+    def contiguous():
+        return ops.flex_estimate(q, k, bs)
+
+    err = _max_err(paged(), contiguous())
+    t_paged = ctx.time(paged)
+    t_cont = ctx.time(contiguous)
+    return [make_row(ctx, family=FAMILY, case="flex_estimate_paged", impl="ops.flex_estimate_paged", t=t_paged,
+                     baseline="ops.flex_estimate (contiguous K)", t_base=t_cont, dtype=dtype,
+                     shape=f"S{S} Nk{Nk} Nq{Nq} H{H} Hk{Hk} D{D} page{P} bs{bs}",
+                     kernel=kernel_label("flex_estimate_paged", dev),
+                     flops=2.0 * S * H * min(bs, Nq) * Nk * D, ceiling="matmul",
+                     check=f"max |paged - contiguous| {err:.1e}" + ("" if err < 1e-3 else " MISMATCH"),
+                     note=f"{layout} cache layout, shuffled pages")]
+
+
 def run(ctx, shapes=None) -> list[dict]:
     """All flex_estimate rows for `ctx.device` (default shapes per device and mode, or `shapes`:
-    a list of `Shape` or of dicts of Shape fields)."""
+    a list of `Shape` or of dicts of Shape fields), plus the paged-cache row."""
     from tasksieve.evaluation.bench import run_shapes
 
     if shapes is None:
         shapes = default_shapes(ctx.device, ctx.quick)
-    return run_shapes(ctx, FAMILY, shapes, Shape, run_shape)
+    return run_shapes(ctx, FAMILY, shapes, Shape, run_shape) + run_paged(ctx)
 
 
 if __name__ == "__main__":

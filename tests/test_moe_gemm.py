@@ -599,3 +599,25 @@ def test_moe_bench_tiny_run(tmp_path):
             assert float(r["check"].split()[-1]) < 5e-2, r["check"]  # the op agrees with both
             assert r["tflops"] > 0 and r["gbps"] > 0
     assert any(r["kind"] == "ratio" and "target" in r["check"] for r in timed)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_moe_forward_under_inference_mode_with_weights_that_require_grad(threads):
+    """HF parameters require grad; generate() runs under inference_mode. The CPU kernel's worker
+    threads must not re-enter autograd around at::mm (they do not inherit the caller's state)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        E, H, I, k = 16, 64, 32, 4
+        w13 = torch.nn.Parameter(torch.randn(E, 2 * I, H, generator=gen) * 0.05)
+        w2 = torch.nn.Parameter(torch.randn(E, H, I, generator=gen) * 0.05)
+        with torch.inference_mode():
+            for T in (4, 16, 64):  # decode-sized and prefill-sized groups
+                x = torch.randn(T, H, generator=gen)
+                w, ids = ops.route_topk(torch.randn(T, E, generator=gen), k, scoring="softmax", renormalize=True)
+                out = ops.moe_forward(x, w13, w2, ids, w)
+                expect = ops.moe_forward(x, w13.detach(), w2.detach(), ids, w)
+                torch.testing.assert_close(out, expect)
+    finally:
+        torch.set_num_threads(old)

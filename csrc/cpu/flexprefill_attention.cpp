@@ -18,6 +18,7 @@
 // place through their strides (fp32), never repeated per query head (GQA: h -> h / G).
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -434,6 +435,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   const int64_t ld = round_up(bs, int64_t{8});
 
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // workers: no autograd around at::mm
 #if TS_BSA_DIRECT_BLAS
     const int prev_threads = MKL_Set_Num_Threads_Local(1);
 #endif
@@ -536,6 +538,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_paged_cpu(
     const int64_t ksp = k_cache.stride(0), ksn = k_cache.stride(1), ksh = k_cache.stride(2);
     const int64_t vsp = v_cache.stride(0), vsn = v_cache.stride(1), vsh = v_cache.stride(2);
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // workers: no autograd around at::mm
 #if TS_BSA_DIRECT_BLAS
       const int prev_threads = MKL_Set_Num_Threads_Local(1);
 #endif

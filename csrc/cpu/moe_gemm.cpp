@@ -22,6 +22,7 @@
 // Tile walk and slot math: include/tasksieve/expert_gemm_index.h, shared with the CUDA kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
@@ -79,6 +80,10 @@ std::vector<Item> column_items(const std::vector<Group>& groups, int64_t ncols) 
 template <typename Fn>
 void for_each_item(const std::vector<Item>& items, const Fn& fn) {
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    // Worker threads do not inherit the caller's dispatch state: without this guard at::mm on
+    // expert weights that require grad re-enters autograd there, which fails under
+    // torch.inference_mode() ("Inference tensors cannot be saved for backward").
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t i = i0; i < i1; ++i) fn(items[i]);
   });
 }

@@ -298,11 +298,36 @@ def test_patch_with_store_retrieves_per_request():
         info = hf_moe.moe_info(model)
         assert info["task"] == "high" and info["requests"] == 1
         assert info["allowed_experts"] == [k.tolist() for k in store["high"].keep_sets(0.5)]
-        _logits(model, torch.arange(5, 60)[None])
-        assert hf_moe.moe_info(model)["task"] == "low"
-        _logits(model, torch.tensor([[100]]))  # a decoding step keeps the request's pattern
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=torch.arange(5, 60)[None], past_key_values=cache, use_cache=True)
+            assert hf_moe.moe_info(model)["task"] == "low"
+            model(input_ids=torch.tensor([[100]]), past_key_values=cache, use_cache=True)  # a decoding step keeps it
         info = hf_moe.moe_info(model)
         assert info["task"] == "low" and info["requests"] == 2
+
+
+def test_store_retrieval_only_at_the_start_of_a_request():
+    """A multi-token forward on a live cache (chunked prefill, teacher forcing) continues the request: no new
+    retrieval from its tokens. A new (empty) cache starts a new request."""
+    from transformers import DynamicCache
+
+    model = tiny_moe_model("mixtral", seed=13)
+    store = premoe.profile(model, {"low": [list(range(4, 64)) * 2], "high": [list(range(64, 128)) * 2]},
+                           seq_len=32, progress=False)
+    with ts.patched(model, moe=PreMoe(pattern=store, keep=0.5)), torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.arange(70, 120)[None], past_key_values=cache, use_cache=True)
+        assert hf_moe.moe_info(model)["task"] == "high"
+        model(input_ids=torch.arange(5, 40)[None], past_key_values=cache, use_cache=True)  # second chunk
+        info = hf_moe.moe_info(model)
+        assert info["task"] == "high" and info["requests"] == 1
+        model(input_ids=torch.arange(5, 40)[None], past_key_values=DynamicCache(config=model.config), use_cache=True)
+        info = hf_moe.moe_info(model)
+        assert info["task"] == "low" and info["requests"] == 2
+    assert not model.model._forward_pre_hooks
 
 
 def test_generate_runs_patched():

@@ -321,8 +321,9 @@ class MoeState:
     """What ``patch(model, moe=...)`` installed (``model._tasksieve_moe``; removed by unpatch).
 
     ``swaps``: (parent, attr, original block, swapped block) per MoE layer. ``store``/``keep``: with a
-    :class:`~tasksieve.premoe.PatternStore`, the first MoE block of every new request (a forward of more than one
-    token per row, or the first forward) computes the retrieval key from its own router input, and the nearest
+    :class:`~tasksieve.premoe.PatternStore`, the first MoE block of every new request (a forward whose KV cache is
+    empty or absent, seen by a pre-hook on the decoder; for a decoder called without keyword arguments, a forward of
+    more than one token per row) computes the retrieval key from its own router input, and the nearest
     task's keep sets are applied to every layer for that request and its decoding steps. The key covers every
     token of the forward (rows concatenated, as PreMoe's batch mode; left padding included, so retrieve with
     :meth:`~tasksieve.premoe.PatternStore.retrieve` and a fixed Pattern when padding matters).
@@ -335,11 +336,25 @@ class MoeState:
     pattern: Any = None
     distance: Optional[float] = None
     requests: int = 0
+    fresh: Optional[bool] = None  # set by the decoder pre-hook: this forward starts a request (empty / no cache)
+    handles: list = field(default_factory=list)
+
+    def before_forward(self, module, args, kwargs) -> None:
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is None or not hasattr(cache, "get_seq_length"):
+            self.fresh = True
+        else:
+            self.fresh = int(cache.get_seq_length()) == 0
 
     def before_block(self, block: TaskSieveMoeBlock, x: torch.Tensor, shape: torch.Size) -> None:
         if self.store is None or block.moe_idx != 0:
             return
-        new_request = self.pattern is None or (len(shape) == 3 and shape[1] > 1) or (len(shape) == 2 and shape[0] > 1)
+        if self.fresh is not None:
+            # a chunked prefill or teacher-forced tokens on a live cache continue the request
+            new_request = self.pattern is None or self.fresh
+            self.fresh = None
+        else:
+            new_request = self.pattern is None or (len(shape) == 3 and shape[1] > 1) or (len(shape) == 2 and shape[0] > 1)
         if not new_request:
             return
         key = retrieval_key(router_logits_fp32(x, block.full_weight()))
@@ -404,8 +419,19 @@ def patch_moe(model, policy) -> Any:
     for parent, attr, _, blk in state.swaps:
         blk.__dict__["_state"] = state
         setattr(parent, attr, blk)
+    if state.store is not None:
+        decoder = _decoder_owner(model)
+        if decoder is not None:
+            state.handles.append(decoder.register_forward_pre_hook(state.before_forward, with_kwargs=True))
     setattr(model, _ATTR, state)
     return model
+
+
+def _decoder_owner(model) -> Optional[nn.Module]:
+    for obj in (getattr(model, "model", None), model):
+        if obj is not None and isinstance(getattr(obj, "layers", None), nn.ModuleList):
+            return obj
+    return None
 
 
 def unpatch_moe(model) -> Any:
@@ -416,6 +442,9 @@ def unpatch_moe(model) -> Any:
     for parent, attr, original, blk in state.swaps:
         setattr(parent, attr, original)
         blk.__dict__.pop("_state", None)
+    for h in state.handles:
+        h.remove()
+    state.handles.clear()
     delattr(model, _ATTR)
     return model
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-OPS = ("tcess_update", "route_topk", "moe_align", "expert_gemm", "moe_forward")
+OPS = ("tcess_update", "router_stats_update", "route_topk", "moe_align", "expert_gemm", "moe_forward")
 
 
 def _gen(seed):
@@ -79,6 +79,20 @@ def cases(r, dev, close, sync):
                             raise AssertionError(f"tcess_update {tag}: count differs")
 
             r.case(f"tcess_update {tag}", tcess)
+        if have["router_stats_update"]:
+            def stats(logits=logits, k=k, E=E, T=T, i=i, tag=tag):
+                ids = _ids(T, k, E, 650 + i)
+                acc = [torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64),
+                       torch.zeros(E, E, dtype=torch.float64), torch.zeros(E, E, dtype=torch.float64)]
+                acc_d = [a.to(dev) for a in acc]
+                ops.router_stats_update(logits.to(dev), ids.to(dev), *acc_d)
+                sync()
+                if r.check:
+                    ops.router_stats_update(logits, ids, *acc)
+                    for name, a_d, a in zip(("counts", "logit_sum", "logit_gram", "coselect"), acc_d, acc):
+                        close(f"router_stats_update {name} {tag}", a_d, a, 1e-9)
+
+            r.case(f"router_stats_update {tag}", stats)
 
     align_grid = [  # (T, k, E, block_m, drop)
         (1, 1, 1, 16, False), (4, 3, 5, 4, False), (37, 2, 8, 16, True), (200, 8, 64, 64, True),

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-OPS = ("flex_estimate", "js_divergence", "select_blocks", "block_sparse_attention")
+OPS = ("flex_estimate", "js_divergence", "select_blocks", "block_sparse_attention",
+       "block_sparse_attention_paged", "flex_estimate_paged")
 
 
 def _rand(shape, dtype, seed, dev):
@@ -132,6 +133,51 @@ def cases(r, dev, close, sync):
         r.case("block_sparse_attention varlen", lambda: varlen(False))
         if dev.type == "cuda":  # the CPU kernel raises on malformed offsets (tested in the suite)
             r.case("block_sparse_attention varlen malformed cu_seqlens", lambda: varlen(True))
+
+    if have["block_sparse_attention_paged"] and have["flex_estimate_paged"]:
+        def paged(layout: str, malformed: bool):
+            # 2 sequences of 45 and 100 keys in shuffled 3-token pages, packed chunks of 13 and 37 queries
+            H, Hk, D, bs, P = 4, 2, 64, 16, 3
+            nks, nqs = [45, 100], [13, 37]
+            max_pages = -(-max(nks) // P)
+            num_pages = 2 * max_pages + 1
+            if layout == "cpu_attn":
+                cache = _rand((num_pages, Hk, P, 2 * D), torch.bfloat16, 701, dev)
+            else:
+                cache = _rand((2, num_pages, P, Hk, D), torch.bfloat16, 701, dev)
+            kc, vc = ops.paged_kv_views(cache, layout, P, Hk, D)
+            perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(702))
+            table = perm[: 2 * max_pages].view(2, max_pages).to(torch.int32)
+            lens = torch.tensor(nks, dtype=torch.int32)
+            cq = torch.tensor([0, nqs[0], sum(nqs)], dtype=torch.int32)
+            q = _rand((1, sum(nqs), H, D), torch.bfloat16, 703, dev)
+            nb, nbq = -(-max(nks) // bs), -(-max(nqs) // bs)
+            idx = torch.arange(nb, dtype=torch.int32).expand(2, H, nbq, nb).contiguous()
+            cnt = torch.stack([torch.full((H, nbq), -(-n // bs), dtype=torch.int32) for n in nks])
+            if malformed:  # page ids past the cache, lengths past the table: clamped on CUDA, never read
+                table[0, 1] = 10_000
+                table[1, 0] = -4
+                lens = torch.tensor([10_000, 7], dtype=torch.int32)
+            args = (table.to(dev), lens.to(dev))
+            out, lse = ops.block_sparse_attention_paged(q, kc, vc, *args, idx.to(dev), cnt.to(dev), bs,
+                                                        cu_seqlens_q=cq.to(dev))
+            est = ops.flex_estimate_paged(q, kc, *args, bs, cu_seqlens_q=cq.to(dev))
+            sync()
+            if r.check and not malformed:
+                cpu = (table, lens)
+                wo, wl = ops.block_sparse_attention_paged(q.cpu(), kc.cpu(), vc.cpu(), *cpu, idx, cnt, bs,
+                                                          cu_seqlens_q=cq)
+                close(f"block_sparse_attention_paged out {layout}", out.float(), wo.float(), 2e-2)
+                fin = torch.isfinite(wl)
+                close(f"block_sparse_attention_paged lse {layout}", lse.cpu()[fin], wl[fin], 1e-3)
+                want = ops.flex_estimate_paged(q.cpu(), kc.cpu(), *cpu, bs, cu_seqlens_q=cq)
+                for name, g_, w_ in zip(("vertical", "slash", "estimate"), est, want):
+                    close(f"flex_estimate_paged {name} {layout}", g_, w_, 2e-2)
+
+        for layout in ("cpu_attn", "flash_attn"):
+            r.case(f"paged {layout}", lambda layout=layout: paged(layout, False))
+            if dev.type == "cuda":  # the CPU kernels raise on malformed tables (tested in the suite)
+                r.case(f"paged {layout} malformed table", lambda layout=layout: paged(layout, True))
 
     if have["js_divergence"]:
         def jsd():

@@ -673,7 +673,7 @@ def write_plot(path, summ, meta) -> None:
         ax.plot(lengths, [s["prefill_s"][n] for n in lengths], marker="o", label=s["config"])
     ax.set_xlabel("context tokens")
     ax.set_ylabel("prefill wall time, median (s)")
-    ax.set_title("prefill time, median over depths\n(2 CPU cores, wall clock; see the load in compose.md)", fontsize=10)
+    ax.set_title("prefill time, median over depths\n(2 CPU cores, wall clock, this run)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.suptitle(f"MoEfied SmolLM2-135M (Mixtral E={meta['args']['num_experts']}, top-{meta['args']['top_k']}): "

@@ -316,5 +316,6 @@ def test_bench_family_tiny():
     ctx = bench.make_context("cpu", quick=True, ceilings={}, log=lambda *a: None)
     ctx.reps, ctx.warmup = 2, 0
     rows = mod.run(ctx, shapes=[dict(N=200, H=4, Hk=2, D=16, block_size=16)])
-    assert [r["case"] for r in rows] == ["flex_estimate", "js_divergence_heads", "select_blocks"]
+    assert [r["case"] for r in rows] == ["flex_estimate", "js_divergence_heads", "select_blocks",
+                                         "flex_estimate_paged"]
     assert all("MISMATCH" not in r["check"] for r in rows)

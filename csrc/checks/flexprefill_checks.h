@@ -533,6 +533,33 @@ inline void check_paged_values(const char* op, const PagedDims& d, const int32_t
   }
 }
 
+// The paged ops' host-side tables, made contiguous and validated once (CPU ops): block_table,
+// seq_lens_k and, packed, cu_seqlens_q, with raw pointers into them (cu_q nullptr when dense).
+struct PagedTables {
+  at::Tensor block_table, seq_lens, cu_seqlens_q;
+  const int32_t* table = nullptr;
+  const int32_t* lens = nullptr;
+  const int32_t* cu_q = nullptr;
+};
+
+inline PagedTables read_paged_tables(const char* op, const PagedDims& d,
+                                     const at::Tensor& block_table_in,
+                                     const at::Tensor& seq_lens_in,
+                                     const std::optional<at::Tensor>& cu_seqlens_q_in,
+                                     int64_t block_size, int64_t nbq) {
+  PagedTables t;
+  t.block_table = block_table_in.contiguous();
+  t.seq_lens = seq_lens_in.contiguous();
+  if (d.packed) {
+    t.cu_seqlens_q = cu_seqlens_q_in->contiguous();
+    t.cu_q = t.cu_seqlens_q.const_data_ptr<int32_t>();
+  }
+  t.table = t.block_table.const_data_ptr<int32_t>();
+  t.lens = t.seq_lens.const_data_ptr<int32_t>();
+  check_paged_values(op, d, t.table, t.lens, t.cu_q, block_size, nbq);
+  return t;
+}
+
 #undef TS_PG_CHECK
 
 }  // namespace checks

@@ -493,21 +493,13 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_paged_cpu(
       checks::check_paged_index_args(opn, d, q_in, block_idx_in, block_cnt_in, block_size);
   const double scale = scale_opt.has_value() ? *scale_opt : 1.0 / std::sqrt(double(d.D));
   TORCH_CHECK(std::isfinite(scale), "tasksieve.", opn, ": scale must be finite, got ", scale);
-  const at::Tensor block_table = block_table_in.contiguous();
-  const at::Tensor seq_lens = seq_lens_in.contiguous();
+  const checks::PagedTables tables =
+      checks::read_paged_tables(opn, d, block_table_in, seq_lens_in, cu_seqlens_q_in, block_size, nbq);
+  const int32_t *table = tables.table, *lens = tables.lens, *cu_q = tables.cu_q;
   const at::Tensor block_idx = block_idx_in.contiguous();
   const at::Tensor block_cnt = block_cnt_in.contiguous();
-  at::Tensor cu_seqlens_q;
-  const int32_t* cu_q = nullptr;
-  if (d.packed) {
-    cu_seqlens_q = cu_seqlens_q_in->contiguous();
-    cu_q = cu_seqlens_q.const_data_ptr<int32_t>();
-  }
-  const int32_t* table = block_table.const_data_ptr<int32_t>();
-  const int32_t* lens = seq_lens.const_data_ptr<int32_t>();
   const int32_t* idx = block_idx.const_data_ptr<int32_t>();
   const int32_t* cnt = block_cnt.const_data_ptr<int32_t>();
-  checks::check_paged_values(opn, d, table, lens, cu_q, block_size, nbq);
   auto span = [&](int64_t s) {
     const paged::SeqSpan p = paged::seq_span(cu_q, lens, s, d.Nq, d.kv_cap);
     return block::SeqSpan{p.q_begin, p.nq, 0, p.nk};
@@ -538,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_paged_cpu(
     const int64_t ksp = k_cache.stride(0), ksn = k_cache.stride(1), ksh = k_cache.stride(2);
     const int64_t vsp = v_cache.stride(0), vsn = v_cache.stride(1), vsh = v_cache.stride(2);
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // workers: no autograd around at::mm
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // workers: no autograd around at::mm
 #if TS_BSA_DIRECT_BLAS
       const int prev_threads = MKL_Set_Num_Threads_Local(1);
 #endif

@@ -307,17 +307,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flex_estimate_paged_cpu(
   TORCH_CHECK(block_size >= 1, "tasksieve.", opn, ": block_size must be >= 1, got ", block_size);
   TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), "tasksieve.", opn,
               ": scale must be finite, got ", scale.value_or(0.0));
-  const at::Tensor block_table = block_table_in.contiguous();
-  const at::Tensor seq_lens = seq_lens_in.contiguous();
-  at::Tensor cu_seqlens_q;
-  const int32_t* cu_q = nullptr;
-  if (d.packed) {
-    cu_seqlens_q = cu_seqlens_q_in->contiguous();
-    cu_q = cu_seqlens_q.const_data_ptr<int32_t>();
-  }
-  const int32_t* table = block_table.const_data_ptr<int32_t>();
-  const int32_t* lens = seq_lens.const_data_ptr<int32_t>();
-  checks::check_paged_values(opn, d, table, lens, cu_q, block_size, -1);
+  const checks::PagedTables tables =
+      checks::read_paged_tables(opn, d, block_table_in, seq_lens_in, cu_seqlens_q_in, block_size, -1);
+  const int32_t *table = tables.table, *lens = tables.lens, *cu_q = tables.cu_q;
 
   const int64_t nb_max = flex::num_blocks(d.max_pages * d.page_size, block_size);
   auto opts = q.options().dtype(at::kFloat);

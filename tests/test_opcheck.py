@@ -232,7 +232,9 @@ def _paged_problem(device, dtype, packed, layout, seed):
     nks, nqs, H, Hk, D, P, bs = [37, 20, 5], [3, 20, 0], 4, 2, 64, 3, 16
     used = [-(-n // P) for n in nks]
     pages = sum(used) + 1
-    if layout == "cpu_attn":
+    if layout == "cpu_attn" and device != "cpu":
+        layout = "kv_concat"  # vLLM CPU's transposed K pages are CPU only
+    if layout in ("cpu_attn", "kv_concat"):
         cache = torch.randn(pages, Hk, P, 2 * D, generator=g).to(dtype=dtype, device=device)
     else:
         cache = torch.randn(2, pages, P, Hk, D, generator=g).to(dtype=dtype, device=device)

@@ -44,10 +44,24 @@ def _head_dims(device):
     return [16, 64] if device == "cpu" else [64, 128]
 
 
+def _layouts(device):
+    """The cache layouts the ops read on `device`: the CUDA ops load 16-byte vectors along D, so
+    vLLM CPU's transposed K pages ("cpu_attn") are CPU only."""
+    return ["cpu_attn", "flash_attn", "kv_concat"] if device == "cpu" else ["flash_attn",
+                                                                           "kv_concat"]
+
+
+def _skip_layout(device, layout):
+    if layout not in _layouts(device):
+        pytest.skip(f"the {layout!r} layout is CPU only (test_cuda_rejects_strided_cache_rows)")
+
+
 def make_cache(num_pages, page_size, Hk, D, dtype, layout, g, device="cpu"):
     """A random cache in `layout` and its (k, v) views [num_pages, page_size, Hk, D]."""
     if layout == "cpu_attn":
         cache = torch.randn(num_pages, Hk, page_size, 2 * D, generator=g)
+    elif layout == "kv_concat":  # logical [pages, Hk, page, 2D], physically [pages, page, Hk, 2D]
+        cache = torch.randn(num_pages, page_size, Hk, 2 * D, generator=g).transpose(1, 2)
     else:
         cache = torch.randn(2, num_pages, page_size, Hk, D, generator=g)
     cache = cache.to(dtype=dtype, device=device)
@@ -154,7 +168,7 @@ def problems(draw, device):
                 page_size=draw(st.sampled_from([1, 3, 16])),
                 bs=draw(st.sampled_from([16, 32, 64])),
                 dtype=dtypes[draw(st.integers(0, len(dtypes) - 1))],
-                layout=draw(st.sampled_from(["cpu_attn", "flash_attn"])),
+                layout=draw(st.sampled_from(_layouts(device))),
                 seed=draw(st.integers(0, 2**16)),
                 density=draw(st.sampled_from([0.3, 0.7, 1.0])))
 
@@ -222,12 +236,13 @@ def test_bsa_paged_random(device, data, causal):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["cpu_attn", "flash_attn"])
+@pytest.mark.parametrize("layout", ["cpu_attn", "flash_attn", "kv_concat"])
 @pytest.mark.parametrize("page_size", [1, 3, 16])
 def test_bsa_paged_fixed(device, layout, page_size):
     """Every dtype; dense (nq = nk for the shortest sequence) and packed (nq = nk, nq = 1, no
     queries, nq < nk) with sequences that are not multiples of the page or the block."""
     requires_kernel(BSA, device)
+    _skip_layout(device, layout)
     D = _head_dims(device)[-1]
     for i, dtype in enumerate(_dtypes(device)):
         bs = [16, 32, 64][i % 3]
@@ -447,9 +462,10 @@ def test_est_paged_random(device, data, use_scale):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["cpu_attn", "flash_attn"])
+@pytest.mark.parametrize("layout", ["cpu_attn", "flash_attn", "kv_concat"])
 def test_est_paged_fixed(device, layout):
     requires_kernel(EST, device)
+    _skip_layout(device, layout)
     D = _head_dims(device)[-1]
     for i, dtype in enumerate(_dtypes(device)):
         for page_size in (1, 3, 16):
@@ -516,7 +532,7 @@ def test_est_paged_bad_inputs_name_the_argument(device):
 def test_est_paged_wrapper(device):
     requires_kernel(EST, device)
     p = Problem([30, 17], [2, 17], True, 4, 2, _head_dims(device)[0], 3, 16,
-                _dtypes(device)[0], "cpu_attn", device, seed=5)
+                _dtypes(device)[0], _layouts(device)[0], device, seed=5)
     a = ops.flex_estimate_paged(*p.est_args(), cu_seqlens_q=p.cu)
     b = _est(*p.est_args(), None, p.cu)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -529,22 +545,80 @@ def test_est_paged_wrapper(device):
 
 def test_paged_kv_views_layouts():
     P, Hk, D, n = 3, 2, 4, 5
-    # cpu_attn: per (page, head) K rows then V rows; both accepted shapes give the same views
+    # cpu_attn (vLLM CPU, vec/vec16 kernels): per (page, head) K transposed ([D, P]), then V rows
+    # ([P, D]); both accepted shapes give the same views, no copy
     cache = torch.arange(n * Hk * P * 2 * D, dtype=torch.float32).view(n, Hk, P, 2 * D)
     k, v = ops.paged_kv_views(cache, "cpu_attn", P, Hk, D)
     k2, v2 = ops.paged_kv_views(cache.view(n, Hk, 2 * P, D), "cpu_attn", P, Hk, D)
     assert k.shape == v.shape == (n, P, Hk, D) and torch.equal(k, k2) and torch.equal(v, v2)
-    flat = cache.view(n, Hk, 2 * P, D)
+    flat = cache.view(n, Hk, 2 * P * D)
     for pg in range(n):
         for r in range(P):
             for h in range(Hk):
-                assert torch.equal(k[pg, r, h], flat[pg, h, r])
-                assert torch.equal(v[pg, r, h], flat[pg, h, P + r])
-    assert k.stride(3) == 1 and k.untyped_storage().data_ptr() == cache.untyped_storage().data_ptr()
+                for d in range(D):
+                    assert k[pg, r, h, d] == flat[pg, h, d * P + r]
+                    assert v[pg, r, h, d] == flat[pg, h, P * D + r * D + d]
+    assert k.untyped_storage().data_ptr() == cache.untyped_storage().data_ptr()
     # flash_attn: [2, pages, page, Hk, D]
     fc = torch.randn(2, n, P, Hk, D)
     k, v = ops.paged_kv_views(fc, "flash_attn", P, Hk, D)
     assert torch.equal(k, fc[0]) and torch.equal(v, fc[1]) and k.data_ptr() == fc.data_ptr()
+    # kv_concat (vLLM 0.32 GPU): logical [pages, Hk, page, 2D], any physical order
+    for phys in (torch.randn(n, Hk, P, 2 * D), torch.randn(n, P, Hk, 2 * D).transpose(1, 2)):
+        k, v = ops.paged_kv_views(phys, "kv_concat", P, Hk, D)
+        assert k.stride(3) == 1 and k.data_ptr() == phys.data_ptr()
+        for pg in range(n):
+            for r in range(P):
+                for h in range(Hk):
+                    assert torch.equal(k[pg, r, h], phys[pg, h, r, :D])
+                    assert torch.equal(v[pg, r, h], phys[pg, h, r, D:])
+
+
+def test_paged_ops_read_vllm_cpu_pages_as_written():
+    """Pages filled the way vLLM CPU's vec kernels write them (key row j, dim d of head h at
+    d * P + j of the page's K half; value rows after), read back by both ops: the same results as
+    the same keys and values in plain [pages, P, Hk, D] tensors."""
+    g = torch.Generator().manual_seed(3)
+    n, P, Hk, D, H, bs = 4, 16, 2, 32, 4, 16
+    keys = torch.randn(n, P, Hk, D, generator=g)
+    vals = torch.randn(n, P, Hk, D, generator=g)
+    cache = torch.empty(n, Hk, 2 * P * D)
+    cache[:, :, :P * D] = keys.permute(0, 2, 3, 1).reshape(n, Hk, D * P)
+    cache[:, :, P * D:] = vals.permute(0, 2, 1, 3).reshape(n, Hk, P * D)
+    kc, vc = ops.paged_kv_views(cache.view(n, Hk, P, 2 * D), "cpu_attn", P, Hk, D)
+    assert torch.equal(kc, keys) and torch.equal(vc, vals)
+    table = torch.tensor([[2, 0, 3]], dtype=torch.int32)
+    lens = torch.tensor([40], dtype=torch.int32)
+    q = torch.randn(1, 24, H, D, generator=g)
+    idx = torch.arange(3, dtype=torch.int32).expand(1, H, 2, 3).contiguous()
+    cnt = torch.tensor([2, 3], dtype=torch.int32).expand(1, H, 2).contiguous()
+    got = ops.block_sparse_attention_paged(q, kc, vc, table, lens, idx, cnt, bs)
+    want = ops.block_sparse_attention_paged(q, keys, vals, table, lens, idx, cnt, bs)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    got = ops.flex_estimate_paged(q, kc, table, lens, bs)
+    want = ops.flex_estimate_paged(q, keys, table, lens, bs)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.cuda
+def test_cuda_rejects_strided_cache_rows():
+    """The CUDA ops load 16-byte vectors along D: a cache with a strided last dim (vLLM CPU's
+    transposed K pages) is refused by name, not read wrongly."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    requires_kernel(BSA, "cuda")
+    n, P, Hk, D, H = 2, 16, 2, 64, 4
+    cache = torch.randn(n, Hk, P, 2 * D, device="cuda", dtype=torch.float16)
+    kc, vc = ops.paged_kv_views(cache, "cpu_attn", P, Hk, D)
+    table = torch.tensor([[0, 1]], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([20], dtype=torch.int32, device="cuda")
+    q = torch.randn(1, 4, H, D, device="cuda", dtype=torch.float16)
+    idx = torch.zeros(1, H, 1, 2, dtype=torch.int32, device="cuda")
+    cnt = torch.ones(1, H, 1, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="k_cache must have a contiguous last dim on CUDA"):
+        ops.block_sparse_attention_paged(q, kc, vc, table, lens, idx, cnt, 16)
+    with pytest.raises(RuntimeError, match="k_cache must have a contiguous last dim on CUDA"):
+        ops.flex_estimate_paged(q, kc, table, lens, 16)
 
 
 def test_paged_kv_views_errors():

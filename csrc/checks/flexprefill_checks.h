@@ -386,7 +386,8 @@ PagedDims check_paged_args(const char* op, const at::Tensor& q, const at::Tensor
                            const at::Tensor* v_cache, const at::Tensor& block_table,
                            const at::Tensor& seq_lens_k,
                            const std::optional<at::Tensor>& cu_seqlens_q,
-                           QDtypeCheck&& check_q_dtype, HeadDimCheck&& check_head_dim) {
+                           QDtypeCheck&& check_q_dtype, HeadDimCheck&& check_head_dim,
+                           bool any_cache_strides = false) {
   TS_PG_CHECK(k_cache.device() == q.device(), "k_cache must be on the device of q (", q.device(),
               "), got ", k_cache.device());
   if (v_cache != nullptr)
@@ -443,11 +444,14 @@ PagedDims check_paged_args(const char* op, const at::Tensor& q, const at::Tensor
   TS_PG_CHECK(page_size >= 1, "k_cache page size (dim 1) must be >= 1, got ", page_size);
   TS_PG_CHECK(q.stride(3) == 1 || D == 1, "q must have a contiguous last dim, got strides ",
               q.strides());
-  TS_PG_CHECK(k_cache.stride(3) == 1 || D == 1,
-              "k_cache must have a contiguous last dim, got strides ", k_cache.strides());
+  // CPU reads cache rows element by element (any strides: vLLM's CPU backend stores each page's
+  // K transposed); CUDA loads 16-byte vectors along D.
+  TS_PG_CHECK(any_cache_strides || k_cache.stride(3) == 1 || D == 1,
+              "k_cache must have a contiguous last dim on CUDA, got strides ", k_cache.strides());
   if (v_cache != nullptr)
-    TS_PG_CHECK(v_cache->stride(3) == 1 || D == 1,
-                "v_cache must have a contiguous last dim, got strides ", v_cache->strides());
+    TS_PG_CHECK(any_cache_strides || v_cache->stride(3) == 1 || D == 1,
+                "v_cache must have a contiguous last dim on CUDA, got strides ",
+                v_cache->strides());
   return {S, B, Nq, H, D, Hk, num_pages, page_size, max_pages,
           paged::kv_capacity(max_pages, page_size, num_pages), packed};
 }

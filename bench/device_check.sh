@@ -16,6 +16,8 @@
 #   memcheck   compute-sanitizer memcheck on bench/sanitize_ops.py (every CUDA op, small awkward
 #              shapes, in-place gather, invalid indices), torch's caching allocator off
 #   racecheck  compute-sanitizer racecheck on the same script
+#   vllm       the FlexPrefill vLLM plugin in vLLM's FlashAttention backend (bench/vllm_device_check.py);
+#              reported as skipped when the machine has no vLLM
 #   bench      python -m tasksieve.bench --quick --device cuda
 # Last it prints the benchmark table and a summary table (step, status, seconds).
 #
@@ -79,6 +81,7 @@ run_step() {
     0) status="PASS" ;;
     124|137) status="TIMEOUT after ${t}s" ;;
     99) status="FAIL: sanitizer errors" ;;
+    98) status="skipped (not installed here)"; rc=0 ;;
     *) status="FAIL (rc $rc)" ;;
   esac
   [ "$rc" -ne 0 ] && FAILED=1
@@ -181,6 +184,7 @@ run_step tests     150 200 "$OUTDIR/tests.log"    "$PY" -m pytest -q -m "not slo
 run_step simnative 60  170 "$OUTDIR/tests.log"    bash -c "make -j8 sim-runners && GPUSIM=native \"\$PY\" -m pytest -q -m gpusim -p no:cacheprovider -rfE tests/sim"
 run_step memcheck  80  170 "$OUTDIR/sanitize.log" sanitize memcheck
 run_step racecheck 50  150 "$OUTDIR/sanitize.log" sanitize racecheck --no-check
+run_step vllm      120 220 "$OUTDIR/tests.log"    "$PY" bench/vllm_device_check.py
 run_step bench     220 0   "$OUTDIR/bench.log"    "$PY" -m tasksieve.bench --quick --device cuda --out "$OUTDIR"
 
 # ---- report -------------------------------------------------------------------------------

@@ -46,11 +46,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=None, help="max_num_batched_tokens (forces chunked prefill)")
     ap.add_argument("--scenarios", default="batch")
     ap.add_argument("--max-tokens", type=int, default=6)
+    ap.add_argument("--dtype", default="float32", help="bfloat16 / float16 on CUDA (the kernels' dtypes there)")
+    ap.add_argument("--eager", type=int, default=1, help="0: let vLLM capture CUDA graphs (decode-only steps)")
     args = ap.parse_args()
 
     from vllm import LLM, SamplingParams
 
-    kw = dict(dtype="float32", enforce_eager=True, max_model_len=2048, seed=0, tensor_parallel_size=args.tp,
+    kw = dict(dtype=args.dtype, enforce_eager=bool(args.eager), max_model_len=2048, seed=0, tensor_parallel_size=args.tp,
               enable_prefix_caching=True, worker_extension_cls="tasksieve.integrations.vllm.StatsExtension")
     if args.chunk:
         kw.update(max_num_batched_tokens=args.chunk, enable_chunked_prefill=True)

@@ -55,10 +55,11 @@ TORCH_LIBRARY(tasksieve, m) {
         "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)");
   // Paged-KV form (chunked prefill over vLLM's paged cache): the same math and outputs, keys
   // and values read through a block table. k_cache, v_cache [num_pages, page_size, Hk, D] (same
-  // shape and dtype as q's; ANY strides except a contiguous last dim, so views of vLLM's caches
-  // pass with zero copies: flash-attn [2, pages, page, Hk, D] -> cache[0], cache[1]; the CPU
-  // backend's per-(page, head) K rows then V rows -> permuted halves, see
-  // tasksieve.ops.paged_kv_views). block_table int32 [S, max_pages]: key j of sequence s lives in
+  // shape and dtype as q's; CPU: any strides, CUDA: any but a contiguous last dim, so views of
+  // vLLM's caches pass with zero copies: flash-attn [2, pages, page, Hk, D] -> cache[0], cache[1];
+  // vLLM 0.32 GPU [pages, Hk, page, 2D] -> transpose + split; vLLM CPU's pages (K transposed
+  // [D, page], then V rows) -> strided views, CPU only; see tasksieve.ops.paged_kv_views).
+  // block_table int32 [S, max_pages]: key j of sequence s lives in
   // page block_table[s, j // page_size], row j % page_size (entries past its ceil(nk_s /
   // page_size) pages are never read); seq_lens_k int32 [S]: nk_s (context + this chunk),
   // 0 <= nk_s <= max_pages * page_size. Queries: dense q [S, Nq, H, D] (every sequence's Nq

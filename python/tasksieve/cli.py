@@ -289,16 +289,23 @@ def _ruler(args) -> int:
     t0 = time.perf_counter()
     model, tok = models.load_default()
     print(f"model: {models.DEFAULT_NAME}, loaded in {time.perf_counter() - t0:.1f} s")
-    t0 = time.perf_counter()
-    rows, records = ruler.run_ruler(model, tok, methods, tasks=tasks, lengths=args.lengths, samples=args.samples,
-                                    max_gen_toks=args.max_gen_toks, apply_chat_template=args.chat_template,
-                                    seed=args.seed, progress=not args.no_progress)
-    wall = time.perf_counter() - t0
     cfg = ruler.run_config(model, tok, model_short="SmolLM2-135M-Instruct", tasks=tasks, lengths=args.lengths,
                            samples=args.samples, methods=list(methods),
                            method_repr={k: repr(v) for k, v in methods.items()}, max_gen_toks=args.max_gen_toks,
-                           chat_template=args.chat_template, seed=args.seed, host=ruler.host(), wall_s=round(wall, 1))
-    paths = ruler.write_results(rows, records, args.out, cfg)
+                           chat_template=args.chat_template, seed=args.seed, host=ruler.host())
+    t0 = time.perf_counter()
+
+    def write(rows, records, done=False):
+        cfg["wall_s"] = round(time.perf_counter() - t0, 1)
+        cfg["complete"] = done
+        return ruler.write_results(rows, records, args.out, cfg)
+
+    # The files are rewritten after every (sample, method) step, so a run stopped early leaves its results so far.
+    rows, records = ruler.run_ruler(model, tok, methods, tasks=tasks, lengths=args.lengths, samples=args.samples,
+                                    max_gen_toks=args.max_gen_toks, apply_chat_template=args.chat_template,
+                                    seed=args.seed, progress=not args.no_progress, on_step=write)
+    wall = time.perf_counter() - t0
+    paths = write(rows, records, done=True)
     print(ruler.summarize(rows))
     print(f"wall {wall:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

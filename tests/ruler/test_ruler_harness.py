@@ -31,13 +31,16 @@ def test_ruler_end_to_end_tiny(tmp_path, monkeypatch):
     model = models.tiny_model("llama")
     methods = niah.parse_methods(ruler.method_specs("dense,windowkv:0.5"))
     # RULER sizes prompts with the (character) tokenizer: 1024 tokens leave ~730 for the prompt.
+    steps = []
     rows, records = ruler.run_ruler(model, tok, methods, tasks=["niah_single_1"], lengths=[1024], samples=1,
-                                    max_gen_toks=8, tokenizer_dir=tmp_path / "tok", progress=False)
+                                    max_gen_toks=8, tokenizer_dir=tmp_path / "tok", progress=False,
+                                    on_step=lambda rows, recs: steps.append(len(recs)))
+    assert steps == [1, 2]
     assert [r["method"] for r in rows] == ["dense", "windowkv:0.5"]
     for r in rows:
         assert r["task"] == "niah_single_1" and r["length"] == 1024 and r["samples"] == 1
         assert 0.0 <= r["score"] <= 1.0
-        assert r["lm_eval_score"] == pytest.approx(r["score"])
+    assert [r["score"] for r in records] == [r["score"] for r in rows]  # lm-eval's per-sample metric
     assert rows[1]["kv_kept_pct"] < 100.0  # the press ran inside lm-eval's generate
     assert len(records) == 2 and records[0]["prompt_sha"] == records[1]["prompt_sha"]  # the same sample
     assert not ruler.hf.is_patched(model)

@@ -12,9 +12,11 @@ The essay haystack (``niah_single_2`` ...) and the QA tasks download data sets a
 module also tries to download nltk's ``punkt_tab`` at import; without network that prints an error and goes on (the
 tasks above never split sentences).
 
-Every method runs the same samples: one ``lm_eval.simple_evaluate`` call per (length, method) with the same seeds and
-``max_seq_lengths=[length]``, so the synthetic data are regenerated identically (checked: the prompts' hashes must agree
-across methods, else :func:`run_ruler` raises). ``limit`` takes the first ``samples`` documents of each task. The
+Every method runs the same samples: one ``lm_eval.simple_evaluate`` call per (length, sample, method) with the same
+seeds and ``max_seq_lengths=[length]``, so the synthetic data are regenerated identically (checked: the prompts' hashes
+must agree across methods, else :func:`run_ruler` raises); lm-eval's ``samples`` argument picks document ``i`` (the
+first ``samples`` documents of each task). Sample-major order means a run cut short still has every method on the same
+samples, and the CLI rewrites the result files after every step. The
 model is wrapped once in lm-eval's ``HFLM`` (batch 1, greedy) and patched / unpatched around each call:
 ``dense`` (unpatched), KV presses (``windowkv:0.12``, ``snapkv:0.12``, ``pyramidkv:0.12``) through
 ``hf.patched(model, kv=...)``, ``flexprefill:<gamma>[:k=v,...]`` through ``hf.patched(model, prefill=...)``. Method specs
@@ -79,7 +81,7 @@ DEFAULT_MAX_GEN_TOKS = 32
 RULER_RESERVED_TOKENS = 128
 
 CSV_FIELDS = [
-    "task", "length", "method", "samples", "score", "full_matches", "lm_eval_score", "wall_s", "s_per_sample",
+    "task", "length", "method", "samples", "score", "full_matches", "wall_s", "s_per_sample",
     "max_gen_toks", "mean_prompt_tokens", "kv_kept_pct", "prefill_block_pct",
 ]  # fmt: skip
 
@@ -204,12 +206,15 @@ def run_ruler(
     apply_chat_template: bool = False,
     seed: int = 0,
     progress: bool = True,
+    on_step=None,
 ) -> tuple[list[dict], list[dict]]:
     """Run lm-eval's RULER ``tasks`` at each length for every method. Returns ``(rows, sample_records)``.
 
     ``rows``: one dict per (task, length, method) with :data:`CSV_FIELDS`; ``score`` is the mean of lm-eval's
     per-sample ``string_match_all`` (in [0, 1]), ``full_matches`` the samples with every reference found.
     ``sample_records``: one dict per sample (method, task, length, index, references, answer, score, prompt hash).
+    One ``simple_evaluate`` call per (length, sample, method), picking document ``i`` with lm-eval's ``samples``
+    argument; ``on_step(rows, records)`` is called after each.
     """
     require_lm_eval()
     import lm_eval
@@ -244,85 +249,98 @@ def run_ruler(
 
     lm._model_generate = _recording_generate
 
-    combos = [(n, m) for n in lengths for m in methods]
-    rows: list[dict] = []
     records: list[dict] = []
-    hashes: dict[tuple[str, int], list[str]] = {}
+    hashes: dict[tuple[str, int, int], str] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(combos) * len(tasks) * samples, desc="ruler", unit="sample", dynamic_ncols=True)
-    for length, name in combos:
-        press = methods[name]
-        if bar is not None:
-            bar.set_postfix_str(f"{name} @ {length}")
-        infos.clear()
-        t0 = time.perf_counter()
-        with _press_context(model, press):
-            res = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=list(tasks),
-                limit=samples,
-                gen_kwargs=dict(gen_kwargs),
-                metadata={"tokenizer": str(tok_dir), "max_seq_lengths": [length]},
-                apply_chat_template=apply_chat_template,
-                log_samples=True,
-                bootstrap_iters=0,
-                random_seed=seed,
-                numpy_random_seed=seed + 1234,
-                torch_random_seed=seed + 1234,
-                fewshot_random_seed=seed + 1234,
-                verbosity="ERROR",
-            )
-        wall = time.perf_counter() - t0
-        kv_pct = [100.0 * i["kv_bytes_after"] / i["kv_bytes_before"] for i in infos
-                  if i.get("kv_bytes_after") is not None and i.get("kv_bytes_before")]
-        blk_pct = [100.0 * i["prefill_block_ratio"] for i in infos if i.get("prefill_block_ratio") is not None]
-        for task in tasks:
-            smp = list((res.get("samples") or {}).get(task, []))
-            if not smp:
-                raise RuntimeError(f"tasksieve ruler: lm-eval returned no samples for {task} at {length} ({name})")
-            smp.sort(key=lambda s: s.get("doc_id", 0))
-            key = (task, length)
-            hs = [_prompt_hash(s["doc"]) for s in smp]
-            if key in hashes and hashes[key] != hs:
-                raise RuntimeError(f"tasksieve ruler: {task} at {length}: method {name!r} got other samples than "
-                                   "the first method (lm-eval's synthetic data were not reproduced)")
-            hashes.setdefault(key, hs)
-            scores, ptoks = [], []
-            for s, h in zip(smp, hs):
-                doc = s["doc"]
-                v = _metric_value(s, length)
-                scores.append(v if v is not None else 0.0)
-                pt = int(doc.get("length", 0)) - RULER_RESERVED_TOKENS if "length" in doc else None
-                if pt is not None:
-                    ptoks.append(pt)
-                records.append({
-                    "task": task, "length": length, "method": name, "doc_id": s.get("doc_id"),
-                    "index": doc.get("index"), "references": list(doc.get("outputs", [])),
-                    "answer": _response(s), "score": v, "prompt_tokens": pt, "prompt_sha": h,
-                    "gen_prefix": doc.get("gen_prefix", ""),
-                })
-            agg = (res.get("results") or {}).get(task, {}).get(f"{length},none")
-            rows.append({
-                "task": task, "length": length, "method": name, "samples": len(scores),
-                "score": sum(scores) / len(scores),
-                "full_matches": sum(1 for v in scores if v >= 1.0),
-                "lm_eval_score": None if agg is None else float(agg),
-                "wall_s": round(wall / len(tasks), 2),
-                "s_per_sample": round(wall / (len(tasks) * len(scores)), 2),
-                "max_gen_toks": max_gen_toks,
-                "mean_prompt_tokens": round(sum(ptoks) / len(ptoks), 1) if ptoks else None,
-                # means over the call's requests (all tasks at this length); 100 for dense
-                "kv_kept_pct": _mean_pct(kv_pct, press is None or isinstance(press, FlexPrefill)),
-                "prefill_block_pct": _mean_pct(blk_pct, not isinstance(press, FlexPrefill)),
-            })
-            if bar is not None:
-                bar.update(len(scores))
+        bar = tqdm(total=len(lengths) * samples * len(methods) * len(tasks), desc="ruler", unit="sample",
+                   dynamic_ncols=True)
+    # Sample-major order: after every step all methods have answered the same samples, so a run stopped early (a slow
+    # shared machine) still compares like with like; ``on_step`` can write the results so far.
+    for length in lengths:
+        for i in range(samples):
+            for name, press in methods.items():
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} @ {length}, sample {i + 1}/{samples}")
+                infos.clear()
+                t0 = time.perf_counter()
+                with _press_context(model, press):
+                    res = lm_eval.simple_evaluate(
+                        model=lm,
+                        tasks=list(tasks),
+                        samples={t: [i] for t in tasks},
+                        gen_kwargs=dict(gen_kwargs),
+                        metadata={"tokenizer": str(tok_dir), "max_seq_lengths": [length]},
+                        apply_chat_template=apply_chat_template,
+                        log_samples=True,
+                        bootstrap_iters=0,
+                        random_seed=seed,
+                        numpy_random_seed=seed + 1234,
+                        torch_random_seed=seed + 1234,
+                        fewshot_random_seed=seed + 1234,
+                        verbosity="ERROR",
+                    )
+                wall = time.perf_counter() - t0
+                kv_pct = [100.0 * x["kv_bytes_after"] / x["kv_bytes_before"] for x in infos
+                          if x.get("kv_bytes_after") is not None and x.get("kv_bytes_before")]
+                blk_pct = [100.0 * x["prefill_block_ratio"] for x in infos if x.get("prefill_block_ratio") is not None]
+                for task in tasks:
+                    smp = list((res.get("samples") or {}).get(task, []))
+                    if len(smp) != 1:
+                        raise RuntimeError(f"tasksieve ruler: lm-eval returned {len(smp)} samples for {task} at "
+                                           f"{length}, sample {i} ({name}); expected 1")
+                    s, doc = smp[0], smp[0]["doc"]
+                    h = _prompt_hash(doc)
+                    if hashes.setdefault((task, length, i), h) != h:
+                        raise RuntimeError(f"tasksieve ruler: {task} at {length}, sample {i}: method {name!r} got "
+                                           "another prompt than the first method (lm-eval's synthetic data were not "
+                                           "reproduced)")
+                    v = _metric_value(s, length)
+                    records.append({
+                        "task": task, "length": length, "method": name, "doc_id": s.get("doc_id"),
+                        "index": doc.get("index"), "references": list(doc.get("outputs", [])),
+                        "answer": _response(s), "score": v,
+                        "prompt_tokens": int(doc["length"]) - RULER_RESERVED_TOKENS if "length" in doc else None,
+                        "prompt_sha": h, "gen_prefix": doc.get("gen_prefix", ""),
+                        "wall_s": round(wall / len(tasks), 2), "max_gen_toks": max_gen_toks,
+                        # means over the call's requests (one per task); 100 where the method keeps everything
+                        "kv_kept_pct": _mean_pct(kv_pct, press is None or isinstance(press, FlexPrefill)),
+                        "prefill_block_pct": _mean_pct(blk_pct, not isinstance(press, FlexPrefill)),
+                    })
+                    if bar is not None:
+                        bar.update(1)
+                if on_step is not None:
+                    on_step(rows_from_records(records), records)
     if bar is not None:
         bar.close()
-    return rows, records
+    return rows_from_records(records), records
+
+
+def rows_from_records(records: Sequence[Mapping]) -> list[dict]:
+    """One row per (task, length, method) in first-seen order, with :data:`CSV_FIELDS`."""
+    groups: dict[tuple, list[Mapping]] = {}
+    for r in records:
+        groups.setdefault((r["task"], int(r["length"]), r["method"]), []).append(r)
+
+    def mean(vals):
+        vals = [float(v) for v in vals if v is not None]
+        return round(sum(vals) / len(vals), 2) if vals else None
+
+    rows = []
+    for (task, length, method), rs in groups.items():
+        scores = [float(r["score"]) if r["score"] is not None else 0.0 for r in rs]
+        wall = sum(float(r.get("wall_s") or 0.0) for r in rs)
+        rows.append({
+            "task": task, "length": length, "method": method, "samples": len(rs),
+            "score": sum(scores) / len(scores), "full_matches": sum(1 for v in scores if v >= 1.0),
+            "wall_s": round(wall, 1), "s_per_sample": round(wall / len(rs), 1),
+            "max_gen_toks": rs[0].get("max_gen_toks"), "mean_prompt_tokens": mean(r.get("prompt_tokens") for r in rs),
+            "kv_kept_pct": mean(r.get("kv_kept_pct") for r in rs),
+            "prefill_block_pct": mean(r.get("prefill_block_pct") for r in rs),
+        })
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,6 +469,9 @@ def write_results(rows: Sequence[Mapping], records: Sequence[Mapping], out: str 
             f"capped at {cfg.get('max_gen_toks', '?')} tokens · cell: mean string_match_all (samples with every "
             "reference found / samples)\n\n"
         )
+        if cfg.get("complete") is False:
+            header += ("**Partial**: the run was still going or was stopped; each method has answered the same "
+                       "samples so far (sample-major order).\n\n")
     paths["md"].write_text(header + md, encoding="utf-8")
     with paths["csv"].open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")

@@ -78,6 +78,12 @@ def _swapped(model) -> list:
     return [isinstance(getattr(s.parent, s.attr), hf_moe.TaskSieveMoeBlock) for s in hf_moe.moe_sites(model)]
 
 
+def _out_cache(out):
+    """The returned cache: ``cache`` in transformers >= 5.2x, ``past_key_values`` before (kvpress's 5.2)."""
+    c = getattr(out, "cache", None)
+    return out.past_key_values if c is None else c
+
+
 def _kept(cache) -> list:
     return [layer.keys.shape[2] for layer in cache.layers]
 
@@ -108,7 +114,7 @@ def test_neutral_composition_equals_unpatched_and_unpatch_restores(family):
         assert all(lay["js_distance"] is not None for lay in info["prefill_layers"].values())
         # the full budget keeps the whole prompt in every layer
         assert info["press"] == "WindowKV" and info["kept_tokens"] == [40] * layers
-        assert _kept(out.cache) == [40] * layers
+        assert _kept(_out_cache(out)) == [40] * layers
         assert info["kv_bytes_after"] == info["kv_bytes_before"] > 0
         assert hf_moe.moe_info(model)["allowed_experts"] == [None] * len(hf_moe.moe_sites(model))
         toks, steps = _gen(model, ids)
@@ -140,7 +146,7 @@ def test_windowkv_alone_shrinks_the_cache_only(family):
         assert "prefill_block_ratio" not in info  # no prefill= : dense prefill
     torch.testing.assert_close(out.logits, ref, atol=ATOL, rtol=RTOL)  # prefill attention stays full
     assert info["kv_bytes_after"] < info["kv_bytes_before"]
-    assert max(info["kept_tokens"]) < 40 and _kept(out.cache) == info["kept_tokens"]
+    assert max(info["kept_tokens"]) < 40 and _kept(_out_cache(out)) == info["kept_tokens"]
     _assert_restored(model, snap)
 
 
@@ -155,7 +161,7 @@ def test_flexprefill_alone_computes_fewer_blocks_only(family):
             out = model(input_ids=ids, use_cache=True)
         info = ts.last_info(model)
     assert 0.0 < info["prefill_block_ratio"] < 1.0
-    assert info["press"] is None and _kept(out.cache) == [96] * model.config.num_hidden_layers
+    assert info["press"] is None and _kept(_out_cache(out)) == [96] * model.config.num_hidden_layers
     assert torch.isfinite(out.logits).all()
     _assert_restored(model, snap)
 
@@ -196,7 +202,7 @@ def test_all_three_show_every_effect_in_one_run(family):
         moe = hf_moe.moe_info(model)
         toks, _ = _gen(model, ids, 3)
     assert info["kv_bytes_after"] < info["kv_bytes_before"] and max(info["kept_tokens"]) < 96
-    assert _kept(out.cache) == info["kept_tokens"]
+    assert _kept(_out_cache(out)) == info["kept_tokens"]
     assert 0.0 < info["prefill_block_ratio"] < 1.0
     assert all(len(a) == 4 for a in moe["allowed_experts"])
     assert not torch.allclose(out.logits, attn_only, atol=1e-3)  # the keep mask changed the experts

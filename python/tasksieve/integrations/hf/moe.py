@@ -281,12 +281,11 @@ class TaskSieveMoeBlock(nn.Module):
         if gate._forward_hooks or gate._forward_pre_hooks:
             # someone observes the router module: transformers' output recorder (``output_router_logits=True``,
             # the aux loss; installed on first use and kept), or a user's hook. Run the HF router itself so its hooks
-            # see its own output (its raw logits, before any keep mask); its logits F.linear(x, gate.weight) are ours
-            # bit for bit unless routing uses the full rows of a pruned model
-            hf_logits = gate(x)[0]
-            logits = hf_logits if weight is gate.weight else F.linear(x, weight.to(x.dtype))
-        else:
-            logits = F.linear(x, weight.to(x.dtype))  # none of the supported routers has a bias
+            # see its own output (before any keep mask), but route on our own logits: the first output is the raw
+            # logits in current transformers, the softmax probabilities in 5.0-5.2 (kvpress's pin), which would
+            # route on probabilities. F.linear(x, gate.weight) is the HF router's linear bit for bit.
+            gate(x)
+        logits = F.linear(x, weight.to(x.dtype))  # none of the supported routers has a bias
         w, ids = ops.route_topk(
             logits.float(), self.top_k, scoring=self.scoring, renormalize=self.renormalize,
             keep_mask=self.keep_mask, mask_full=self.renorm == "mask_full",

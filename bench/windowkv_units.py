@@ -153,9 +153,12 @@ def report(out: Path) -> str:
         for r in rows:
             if r["length"] == length:
                 per.setdefault(r["sample"], {})[r["method"]] = r
-        full = sorted(i for i, d in per.items() if all(m in d for m in methods))
+        # the methods run on every sample so far share one sample set; a method dropped from a later run
+        # (fewer samples) is reported on the samples it has
+        common = [m for m in methods if all(m in d for d in per.values())]
+        full = sorted(i for i, d in per.items() if all(m in d for m in common))
         for m in methods:
-            rs = [per[i][m] for i in full]
+            rs = [per[i][m] for i in sorted(per) if m in per[i]] if m not in common else [per[i][m] for i in full]
             if not rs:
                 continue
             lost = [f"{r['key']}->{r['answer'][:12]!r}" for r in rs if not r["passed"]]

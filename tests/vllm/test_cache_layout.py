@@ -1,8 +1,17 @@
 """tasksieve's "cpu_attn" view is what vLLM's CPU kernels actually write: keys and values stored through
 vLLM's own cpu_attn_reshape_and_cache (every ISA the plugin accepts) read back equal through paged_kv_views."""
 
+import importlib.util
+
 import pytest
 import torch
+
+# No conftest here: a second conftest.py would replace the suite's own `conftest` module. vLLM's CPU engine only
+# (on a GPU machine bench/vllm_device_check.py checks the plugin), and only where vLLM is really installed: without
+# it, this folder itself would import as a namespace package named "vllm".
+_VLLM = importlib.util.find_spec("vllm")
+if _VLLM is None or _VLLM.origin is None or torch.cuda.is_available():
+    pytest.skip("needs vLLM's CPU engine (make test-vllm)", allow_module_level=True)
 
 from tasksieve.ops import paged_kv_views
 

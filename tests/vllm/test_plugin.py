@@ -6,6 +6,7 @@ so each configuration is a separate engine; the tests compare what the runs prod
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# No conftest here: a second conftest.py would replace the suite's own `conftest` module. vLLM's CPU engine only
+# (on a GPU machine bench/vllm_device_check.py checks the plugin), and only where vLLM is really installed: without
+# it, this folder itself would import as a namespace package named "vllm".
+_VLLM = importlib.util.find_spec("vllm")
+if _VLLM is None or _VLLM.origin is None or torch.cuda.is_available():
+    pytest.skip("needs vLLM's CPU engine (make test-vllm)", allow_module_level=True)
 
 import tasksieve as ts
 from tasksieve.evaluation.models import tiny_model

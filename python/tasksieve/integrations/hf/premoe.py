@@ -531,8 +531,8 @@ def _check_uniform(config, what: str) -> None:
     raise ValueError(
         f"{what}: model was {verb} to a different expert count per layer ({counts}, one per MoE layer; family "
         f"{family!r}). A HF config holds one {attr!r} for all layers, and vLLM's {arch} builds every MoE layer "
-        f"from it, so neither transformers nor vLLM can load this layout. {verb.capitalize()} with one keep for all "
-        f"layers instead: a ratio (keep=0.5, `tasksieve prune --keep 0.5`) or a count (keep={max(counts)})"
+        f"from it, so neither transformers nor vLLM can load this layout. {verb[:-1].capitalize()} with a uniform keep "
+        f"(one keep for all layers) instead: a ratio (keep=0.5, `tasksieve prune --keep 0.5`) or a count (keep={max(counts)})"
     )
 
 

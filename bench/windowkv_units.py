@@ -179,6 +179,20 @@ def report(out: Path) -> str:
     for t in table:
         lines.append(f"| {t['length']} | {t['method']} | {t['passed']}/{t['samples']} | {t['kl_decode']:.4f} | "
                      f"{t['top1_decode']:.3f} | {t['kv_kept_pct']:.1f}% | {t['failed']} |")
+    lines += ["", "Per sample: how the window grid (window 8) splits the 7 digit tokens (e.g. `2|5` = two digits in one "
+              "window, five in the next) and which methods lost the number.", "",
+              "| length | sample | key | digits at | split | failed |", "|---:|---:|---|---|---|---|"]
+    for length in lengths:
+        per = {}
+        for r in rows:
+            if r["length"] == length:
+                per.setdefault(r["sample"], []).append(r)
+        for i in sorted(per):
+            rs = per[i]
+            d = rs[0]["digit_pos"]
+            split = "|".join(str(sum(1 for p in d if p // 8 == w)) for w in sorted({p // 8 for p in d}))
+            bad = ", ".join(f"{r['method']} ({r['answer'][:10]!r})" for r in rs if not r["passed"])
+            lines.append(f"| {length} | {i} | {rs[0]['key']} | {d[0]}-{d[-1]} | {split} | {bad} |")
     md = "\n".join(lines) + "\n"
     (out / "windowkv_units.md").write_text(md)
     try:

@@ -683,8 +683,8 @@ def _gathered_varlen(p):
 BSA_PAGED = [
     ("dense ps16", [70, 45], [45, 45], False, 4, 2, 64, 16, 16, True, F16, "flash_attn"),
     ("packed ps3", [40, 33, 9, 1], [40, 1, 0, 1], True, 2, 1, 128, 3, 32, True, BF16,
-     "cpu_attn"),
-    ("packed ps1 noncausal", [70, 20], [5, 20], True, 2, 2, 64, 1, 64, False, F16, "cpu_attn"),
+     "kv_concat"),
+    ("packed ps1 noncausal", [70, 20], [5, 20], True, 2, 2, 64, 1, 64, False, F16, "kv_concat"),
     ("dense ps3 nq1", [50, 64], [1, 1], False, 4, 1, 64, 3, 32, True, BF16, "flash_attn"),
 ]
 
@@ -755,9 +755,9 @@ def test_block_sparse_attention_paged_malformed_values(sim_paged):
 # name, nks, nqs, packed, H, Hk, D, page_size, bs, dtype, layout
 EST_PAGED = [
     ("dense ps16", [70, 45], [20, 20], False, 4, 2, 64, 16, 16, F32, "flash_attn"),
-    ("packed ps3", [100, 33, 9], [100, 1, 0], True, 2, 1, 64, 3, 32, BF16, "cpu_attn"),
+    ("packed ps3", [100, 33, 9], [100, 1, 0], True, 2, 1, 64, 3, 32, BF16, "kv_concat"),
     ("packed ps1 D128", [40, 65], [3, 65], True, 2, 2, 128, 1, 64, F16, "flash_attn"),
-    ("dense equal ps3", [45, 45], [45, 45], False, 2, 1, 64, 3, 16, F16, "cpu_attn"),
+    ("dense equal ps3", [45, 45], [45, 45], False, 2, 1, 64, 3, 16, F16, "kv_concat"),
 ]
 
 

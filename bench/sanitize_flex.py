@@ -141,7 +141,7 @@ def cases(r, dev, close, sync):
             nks, nqs = [45, 100], [13, 37]
             max_pages = -(-max(nks) // P)
             num_pages = 2 * max_pages + 1
-            if layout == "cpu_attn":
+            if layout == "kv_concat":  # vLLM 0.32's GPU cache ("cpu_attn", K transposed, is CPU only)
                 cache = _rand((num_pages, Hk, P, 2 * D), torch.bfloat16, 701, dev)
             else:
                 cache = _rand((2, num_pages, P, Hk, D), torch.bfloat16, 701, dev)
@@ -174,7 +174,7 @@ def cases(r, dev, close, sync):
                 for name, g_, w_ in zip(("vertical", "slash", "estimate"), est, want):
                     close(f"flex_estimate_paged {name} {layout}", g_, w_, 2e-2)
 
-        for layout in ("cpu_attn", "flash_attn"):
+        for layout in ("kv_concat", "flash_attn"):
             r.case(f"paged {layout}", lambda layout=layout: paged(layout, False))
             if dev.type == "cuda":  # the CPU kernels raise on malformed tables (tested in the suite)
                 r.case(f"paged {layout} malformed table", lambda layout=layout: paged(layout, True))

@@ -105,6 +105,22 @@ def load_default_tokenizer():
     return AutoTokenizer.from_pretrained(str(folder), gguf_file=DEFAULT_GGUF)
 
 
+
+def _load_gguf(folder: str, gguf_file: str, dtype, device, name: str):
+    """(model, tokenizer) from a GGUF file in ``folder``: eval mode, SDPA, a pad token, tagged with ``name``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype, attn_implementation="sdpa")
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config._tasksieve_name = name
+    return model, tokenizer
+
 def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load the embedded SmolLM2-135M-Instruct. Returns ``(model, tokenizer)``.
 
@@ -120,20 +136,7 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
         raise RuntimeError(
             f"tasksieve.models: loading the GGUF default model needs {e.name!r}; " + _INSTALL_HINT
         ) from e
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=DEFAULT_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(folder), gguf_file=DEFAULT_GGUF, dtype=dtype, attn_implementation="sdpa"
-    )
-    model.to(device)
-    model.eval()
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.config._tasksieve_name = DEFAULT_NAME
-    return model, tokenizer
+    return _load_gguf(str(folder), DEFAULT_GGUF, dtype, device, DEFAULT_NAME)
 
 
 def load_default_moe(
@@ -327,19 +330,7 @@ def load_qwen_coder(dtype: torch.dtype = torch.float32, device: str | torch.devi
         raise RuntimeError(
             f"tasksieve.models: loading a GGUF model needs {e.name!r}; `pip install gguf accelerate transformers`"
         ) from e
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, attn_implementation="sdpa")
-    model.to(device)
-    model.eval()
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.config._tasksieve_name = QWEN_CODER_NAME
-    return model, tokenizer
+    return _load_gguf(str(gguf_path.parent), gguf_path.name, dtype, device, QWEN_CODER_NAME)
 
 
 #: Named models for :func:`load` / ``load_model`` / ``tasksieve niah --model``: name -> loader(dtype, device).

@@ -76,6 +76,7 @@ def _both(model, tok, press, context, question):
     dict(compression_ratio=0.75, window=4, group=2, strategy="mean"),              # arithmetic per-group budgets
     dict(compression_ratio=0.88, window=8, group=3, strategy="auto"),
     dict(compression_ratio=0.6, window=4, group=2, strategy="max", group_scoring="first", per_head=True),
+    dict(compression_ratio=0.8, window=4, group=3, strategy="mean", neighbours="both", neighbour_weight=0.7),
 ])
 def test_pipeline_equals_ts_patch(family, settings, tok):
     model = tiny_model(family, seed=1)
@@ -147,6 +148,8 @@ def test_is_a_kvpress_press():
     (dict(compression_ratio=0.5, strategy="median"), r"WindowKVPress\.strategy"),
     (dict(compression_ratio=0.5, schedule="linear"), r"WindowKVPress\.schedule"),
     (dict(compression_ratio=0.5, group_scoring="last"), r"WindowKVPress\.group_scoring"),
+    (dict(compression_ratio=0.5, neighbours="left"), r"WindowKVPress\.neighbours"),
+    (dict(compression_ratio=0.5, neighbours="right", neighbour_weight=0.0), r"WindowKVPress\.neighbour_weight"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -116,7 +116,8 @@ def _build(BasePress) -> type:
             ``1 - compression_ratio`` of the prompt (rounded to 9 decimals, so 0.88 gives exactly 0.12): the average
             review-region budget per layer, rounded down to whole windows, plus the always-kept tail (observation
             window + remainder), as in ``tasksieve.WindowKV``. 0 keeps everything.
-        window, group, obs_window, strategy, schedule, beta, per_head, group_scoring, auto_threshold, auto_top
+        window, group, obs_window, strategy, schedule, beta, per_head, group_scoring, auto_threshold, auto_top,
+        neighbours, neighbour_weight
             As :class:`tasksieve.WindowKV` (same defaults). ``decode_evict`` has no counterpart: kvpress presses act
             at prefill only.
 
@@ -144,6 +145,8 @@ def _build(BasePress) -> type:
         group_scoring: str = "mean"
         auto_threshold: float = 0.5
         auto_top: float = 0.1
+        neighbours: str = "none"
+        neighbour_weight: float = 0.5
         # per request (per cache object) state; not a setting
         _states: Any = field(default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False)
 
@@ -169,7 +172,8 @@ def _build(BasePress) -> type:
                 budget=round(1.0 - float(self.compression_ratio), 9), window=self.window, group=self.group,
                 obs_window=self.obs_window, strategy=self.strategy, schedule=self.schedule, beta=self.beta,
                 decode_evict=False, per_head=self.per_head, group_scoring=self.group_scoring,
-                auto_threshold=self.auto_threshold, auto_top=self.auto_top,
+                auto_threshold=self.auto_threshold, auto_top=self.auto_top, neighbours=self.neighbours,
+                neighbour_weight=self.neighbour_weight,
             )
 
         def info(self, cache) -> Optional[dict]:

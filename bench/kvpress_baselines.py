@@ -1,6 +1,7 @@
 """kvpress's presses as baselines measured by tasksieve itself, on tasksieve's NIAH grid (run in .venv-kvpress).
 
     make bench-kvpress                      # = nice -n 19 .venv-kvpress/bin/python bench/kvpress_baselines.py
+    .venv-kvpress/bin/python bench/kvpress_baselines.py --ruler 4096,8192 --samples 25   # RULER niah_single_1
     .venv-kvpress/bin/python bench/kvpress_baselines.py --lengths 1000,3000 --depths 0.5 --out /tmp/kvp
 
 Model: the embedded SmolLM2-135M-Instruct (tasksieve.models.load_default, CPU, fp32). Cases: tasksieve's own NIAH case
@@ -12,6 +13,7 @@ Methods, each at every budget b (kvpress's ``compression_ratio = 1 - b``):
 - kvpress 0.5.5 presses with their defaults: SnapKV (window 64, kernel 5), ChunkKV (SnapKV scorer, chunks of 20),
   StreamingLLM (4 sinks), KeyDiff, Knorm, PyramidKV (window 64, beta 20);
 - ``windowkv-press``: tasksieve's WindowKVPress (defaults: window 8, group 8, strategy auto) through kvpress's hooks;
+  ``windowkv-press-right`` / ``windowkv-press-both``: the same with the neighbour rule (``neighbours="right"|"both"``);
 - ``ts-windowkv``: ``tasksieve.patch(model, kv=WindowKV(b))`` through tasksieve's own harness (niah.run_case), the
   reference WindowKVPress must reproduce.
 
@@ -55,6 +57,8 @@ def make_press(name: str, budget: float):
         "knorm": lambda: kvpress.KnormPress(compression_ratio=cr),
         "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=cr),
         "windowkv-press": lambda: WindowKVPress(compression_ratio=cr),
+        "windowkv-press-right": lambda: WindowKVPress(compression_ratio=cr, neighbours="right"),
+        "windowkv-press-both": lambda: WindowKVPress(compression_ratio=cr, neighbours="both"),
     }
     if name not in factories:
         raise SystemExit(f"kvpress_baselines: unknown press {name!r}; choose from {', '.join(factories)}")
@@ -180,6 +184,57 @@ def _same_kv(a, b) -> bool:
     )
 
 
+def press_case(model, tok, case, methods, eos, max_new_tokens: int, check: bool = False) -> list[dict]:
+    """Every press of ``methods`` [(row name, press name, budget)] on one case, from one shared prefill: the dense row
+    first, then one row per press (tasksieve.evaluation.niah's row format). ``check``: first verify on the case's
+    first 200 tokens that the fan-out keeps the same KV as each press alone inside kvpress's ``with press(model)``."""
+    from tqdm.auto import tqdm
+
+    from tasksieve.evaluation import niah
+
+    ids = case.input_ids
+    N = ids.shape[1]
+    presses = {m: make_press(name, b) for m, name, b in methods}
+    t0 = time.perf_counter()
+    first, dense, caches = prefill_fanout(model, ids, presses)
+    prefill_s = time.perf_counter() - t0
+    if check:
+        few = ids[:, :200]
+        _, _, fan = prefill_fanout(model, few, {m: make_press(name, b) for m, name, b in methods})
+        bad = [m for m, name, b in methods if not _same_kv(prefill_alone(model, few, make_press(name, b)), fan[m])]
+        if bad:
+            raise SystemExit(f"kvpress_baselines: shared prefill differs from the press alone for {bad}")
+        tqdm.write(f"check: shared prefill == each press alone (bit-identical KV) for {len(methods)} presses "
+                   f"on {few.shape[1]} tokens")
+        del fan
+    nbytes = {m: niah.cache_nbytes(c) for m, c in caches.items()}
+    dense_bytes = niah.cache_nbytes(dense)
+    t0 = time.perf_counter()
+    dense_tokens, dense_logits = greedy(model, dense, first, N, max_new_tokens, eos)
+    dense_s = time.perf_counter() - t0
+    del dense
+    kl0 = torch.zeros(len(dense_tokens), dtype=torch.float64)
+    rows = [niah._row(case, "dense", niah._decode(tok, [t for t in dense_tokens if t not in eos]).strip(),
+                      kl0, torch.ones(len(dense_tokens), dtype=torch.bool), len(dense_tokens),
+                      dense_bytes, dense_bytes, prefill_s=prefill_s, decode_s=dense_s)]
+    for m, cache in caches.items():
+        t0 = time.perf_counter()
+        tokens, ref = decode_both(model, cache, first, N, dense_tokens, max_new_tokens, eos)
+        decode_s = time.perf_counter() - t0
+        kl, agree = niah.kl_top1(dense_logits, ref)
+        answer = niah._decode(tok, [t for t in tokens if t not in eos]).strip()
+        info = presses[m].info(cache) if hasattr(presses[m], "info") else None
+        rows.append(niah._row(case, m, answer, kl, agree, len(dense_tokens), nbytes[m], dense_bytes,
+                              prefill_s=prefill_s, decode_s=decode_s, strategy=(info or {}).get("strategy") or ""))
+    return rows
+
+
+def _methods(args):
+    budgets = [float(b) for b in args.budgets.split(",")]
+    names = [n for n in args.presses.split(",") if n]
+    return budgets, [(f"{n}:{b:g}", n, b) for b in budgets for n in names]
+
+
 def run(args) -> list[dict]:
     from tqdm.auto import tqdm
 
@@ -189,9 +244,7 @@ def run(args) -> list[dict]:
     model, tok = ts.models.load_default()
     model.eval()
     eos = niah._eos_ids(model, tok)
-    budgets = [float(b) for b in args.budgets.split(",")]
-    names = [n for n in args.presses.split(",") if n]
-    methods = [(f"{n}:{b:g}", n, b) for b in budgets for n in names]
+    budgets, methods = _methods(args)
     ts_methods = {f"ts-windowkv:{b:g}": ts.WindowKV(budget=b) for b in budgets} if args.ts else {}
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
@@ -201,49 +254,10 @@ def run(args) -> list[dict]:
     bar = tqdm(total=len(cases), desc="kvpress niah", unit="case")
     for n, d in cases:
         case = niah.build_case(tok, n, d, haystack=args.haystack, seed=args.seed)
-        ids = case.input_ids
-        N = ids.shape[1]
-        presses = {m: make_press(name, b) for m, name, b in methods}
-        t0 = time.perf_counter()
-        first, dense, caches = prefill_fanout(model, ids, presses)
-        prefill_s = time.perf_counter() - t0
-        if not checked:
-            # the fan-out vs each press alone inside kvpress's own `with press(model)`, on the first 200 tokens of the
-            # first case (a short prefill per press keeps the check cheap)
-            few = ids[:, :200]
-            first_b = [m for m, _, b in methods if b == budgets[0]]
-            _, _, fan = prefill_fanout(model, few, {m: make_press(*_split(m)) for m in first_b})
-            bad = [m for m in first_b if not _same_kv(prefill_alone(model, few, make_press(*_split(m))), fan[m])]
-            if bad:
-                raise SystemExit(f"kvpress_baselines: shared prefill differs from the press alone for {bad}")
-            tqdm.write(f"check: shared prefill == each press alone (bit-identical KV) for {len(first_b)} presses "
-                       f"on {few.shape[1]} tokens")
-            checked = True
-            del fan
-        nbytes = {m: niah.cache_nbytes(c) for m, c in caches.items()}
-        dense_bytes = niah.cache_nbytes(dense)
-        t0 = time.perf_counter()
-        dense_tokens, dense_logits = greedy(model, dense, first, N, args.max_new_tokens, eos)
-        dense_s = time.perf_counter() - t0
-        del dense
-        kl0 = torch.zeros(len(dense_tokens), dtype=torch.float64)
-        rows.append(niah._row(case, "dense", niah._decode(tok, [t for t in dense_tokens if t not in eos]).strip(),
-                              kl0, torch.ones(len(dense_tokens), dtype=torch.bool), len(dense_tokens),
-                              dense_bytes, dense_bytes, prefill_s=prefill_s, decode_s=dense_s))
-        for m, cache in caches.items():
-            t0 = time.perf_counter()
-            tokens, ref = decode_both(model, cache, first, N, dense_tokens, args.max_new_tokens, eos)
-            decode_s = time.perf_counter() - t0
-            kl, agree = niah.kl_top1(dense_logits, ref)
-            answer = niah._decode(tok, [t for t in tokens if t not in eos]).strip()
-            info = presses[m].info(cache) if hasattr(presses[m], "info") else None
-            rows.append(niah._row(case, m, answer, kl, agree, len(dense_tokens), nbytes[m], dense_bytes,
-                                  prefill_s=prefill_s, decode_s=decode_s,
-                                  strategy=(info or {}).get("strategy") or ""))
-        del caches
+        rows += press_case(model, tok, case, methods, eos, args.max_new_tokens, check=not checked)
+        checked = True
         if ts_methods:
-            for r in niah.run_case(model, tok, case, ts_methods, max_new_tokens=args.max_new_tokens):
-                rows.append(r)
+            rows += niah.run_case(model, tok, case, ts_methods, max_new_tokens=args.max_new_tokens)
         if args.partial:  # results so far, so a run cut short still leaves its finished cases
             args.partial(sorted(rows, key=lambda r: (r["length"], r["depth"])))
         ok = {r["method"]: r["passed"] for r in rows if r["length"] == n and r["depth"] == d}
@@ -251,6 +265,56 @@ def run(args) -> list[dict]:
         bar.update(1)
     bar.close()
     return _ordered(rows, args)
+
+
+def run_ruler(args) -> None:
+    """The presses on bench/windowkv_units.py's RULER niah_single_1 samples (the same prompts its WindowKV rows
+    answer), appended to ``<out>/samples_kvpress<tag>.jsonl`` in its row format with every method prefixed
+    ``kvp-``; finished samples are skipped, and ``windowkv_units.py --report`` tables them next to its own rows."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    import tasksieve as ts
+    from tasksieve.evaluation import niah
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import windowkv_units as units
+
+    torch.set_num_threads(args.threads)
+    model, tok = ts.models.load_default()
+    model.eval()
+    eos = niah._eos_ids(model, tok)
+    _, methods = _methods(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / f"samples_kvpress{args.tag}.jsonl"
+    done = set()
+    if jsonl.exists():
+        done = {(r["length"], r["sample"], r["method"]) for r in map(json.loads, jsonl.read_text().splitlines())}
+    lengths = [int(x) for x in args.ruler.split(",")]
+    checked = not args.check
+    bar = tqdm(total=len(lengths) * args.samples, desc="kvpress ruler niah_single_1", unit="sample")
+    for length in lengths:
+        nh = units.fit_haystack(tok, length)
+        for i in range(args.start, args.start + args.samples):
+            todo = [m for m in methods if (length, i, f"kvp-{m[0]}") not in done]
+            if todo:
+                case = units.build_sample(tok, length, i, nh)
+                digits = units.digit_positions(tok, case)
+                t0 = time.perf_counter()
+                rows = press_case(model, tok, case, todo, eos, args.max_new_tokens, check=not checked)
+                checked = True
+                dt = time.perf_counter() - t0
+                with jsonl.open("a") as f:
+                    for r in rows:
+                        r.update(method="kvp-" + r["method"], sample=i, word=case.extra["word"],
+                                 index=case.extra["index"], num_haystack=nh, digit_pos=digits, wall_s=round(dt, 2))
+                        f.write(json.dumps(r) + "\n")
+                bar.set_postfix_str(f"L={length} i={i} {dt:.0f}s lost: " + (" ".join(
+                    r["method"] for r in rows if not r["passed"]) or "none"))
+            bar.update(1)
+    bar.close()
 
 
 def _ordered(rows, args):
@@ -343,8 +407,22 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--ts", action="store_true", help="add ts.patch(model, kv=WindowKV(b)) rows (tasksieve's harness)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the shared-prefill check")
-    p.add_argument("--out", default="bench/results/kvpress")
+    p.add_argument("--out", default=None, help="default bench/results/kvpress (grid) or "
+                   "bench/results/windowkv_units (--ruler)")
+    p.add_argument("--ruler", default=None, metavar="LENGTHS",
+                   help="instead of the NIAH grid: bench/windowkv_units.py's RULER niah_single_1 samples at these "
+                   "lengths (e.g. 4096,8192)")
+    p.add_argument("--samples", type=int, default=25, help="--ruler: samples per length")
+    p.add_argument("--start", type=int, default=0, help="--ruler: first sample")
+    p.add_argument("--tag", default="", help="--ruler: suffix of the jsonl file")
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    if args.ruler:
+        args.out = args.out or "bench/results/windowkv_units"
+        run_ruler(args)
+        return 0
+    args.out = args.out or "bench/results/kvpress"
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     args.partial = lambda rows: write(_ordered(rows, args), args, time.perf_counter() - t0, partial=True)
     rows = run(args)

@@ -21,8 +21,10 @@ pydoc, code, essays.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 __all__ = ["build_parser", "main"]
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=_positive_int, default=None)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--resume", action="store_true",
+                   help="keep the answers already in OUT/ruler_samples.jsonl (same settings) and run only the rest")
 
     _add_premoe_parsers(sub)
     sub.add_parser("bench", help="microbenchmarks (arguments go to tasksieve.bench)", add_help=False)
@@ -296,6 +300,11 @@ def _ruler(args) -> int:
                            samples=args.samples, methods=list(methods),
                            method_repr={k: repr(v) for k, v in methods.items()}, max_gen_toks=args.max_gen_toks,
                            chat_template=args.chat_template, seed=args.seed, host=ruler.host())
+    previous = []
+    jsonl = Path(args.out) / "ruler_samples.jsonl"
+    if args.resume and jsonl.exists():
+        previous = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+        print(f"resuming: {len(previous)} sample records in {jsonl}")
     t0 = time.perf_counter()
 
     def write(rows, records, done=False):
@@ -306,7 +315,8 @@ def _ruler(args) -> int:
     # The files are rewritten after every (sample, method) step, so a run stopped early leaves its results so far.
     rows, records = ruler.run_ruler(model, tok, methods, tasks=tasks, lengths=args.lengths, samples=args.samples,
                                     max_gen_toks=args.max_gen_toks, apply_chat_template=args.chat_template,
-                                    seed=args.seed, progress=not args.no_progress, on_step=write)
+                                    seed=args.seed, progress=not args.no_progress, on_step=write,
+                                    previous=previous)
     wall = time.perf_counter() - t0
     paths = write(rows, records, done=True)
     print(ruler.summarize(rows))

@@ -60,3 +60,24 @@ def test_ruler_end_to_end_tiny(tmp_path, monkeypatch):
     from importlib.metadata import version
 
     assert json.loads(paths["json"].read_text())["versions"]["lm_eval"] == version("lm_eval")
+
+
+def test_resume_keeps_previous_answers_and_runs_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = tiny_tokenizer()
+    model = models.tiny_model("llama")
+    kw = dict(tasks=["niah_single_1"], lengths=[1024], samples=1, max_gen_toks=8, tokenizer_dir=tmp_path / "tok",
+              progress=False)
+    _, first = ruler.run_ruler(model, tok, niah.parse_methods(ruler.method_specs("dense")), **kw)
+    # a marker answer proves the dense record is reused, not recomputed
+    prev = [dict(first[0], answer="kept from before")]
+    steps = []
+    rows, records = ruler.run_ruler(model, tok, niah.parse_methods(ruler.method_specs("dense,windowkv:0.5")),
+                                    previous=prev, on_step=lambda r, recs: steps.append(len(recs)), **kw)
+    assert steps == [2]  # only windowkv ran
+    assert [r["method"] for r in records] == ["dense", "windowkv:0.5"]
+    assert records[0]["answer"] == "kept from before"
+    assert records[1]["prompt_sha"] == records[0]["prompt_sha"]
+    with pytest.raises(ValueError, match="max_gen_toks"):
+        ruler.run_ruler(model, tok, niah.parse_methods(ruler.method_specs("dense")), previous=prev,
+                        **dict(kw, max_gen_toks=4))

@@ -207,6 +207,7 @@ def run_ruler(
     seed: int = 0,
     progress: bool = True,
     on_step=None,
+    previous: Sequence[Mapping] = (),
 ) -> tuple[list[dict], list[dict]]:
     """Run lm-eval's RULER ``tasks`` at each length for every method. Returns ``(rows, sample_records)``.
 
@@ -215,6 +216,10 @@ def run_ruler(
     ``sample_records``: one dict per sample (method, task, length, index, references, answer, score, prompt hash).
     One ``simple_evaluate`` call per (length, sample, method), picking document ``i`` with lm-eval's ``samples``
     argument; ``on_step(rows, records)`` is called after each.
+
+    ``previous``: sample records of an earlier run with the same settings (its ``ruler_samples.jsonl``); a (length,
+    sample, method) whose every task is among them is not run again, and its records are kept. Their prompt hashes
+    still have to match the new run's.
     """
     require_lm_eval()
     import lm_eval
@@ -251,6 +256,12 @@ def run_ruler(
 
     records: list[dict] = []
     hashes: dict[tuple[str, int, int], str] = {}
+    kept: dict[tuple[int, int, str], list[dict]] = {}
+    for r in previous:
+        if r.get("max_gen_toks") != max_gen_toks:
+            raise ValueError(f"tasksieve ruler: a previous record was made with max_gen_toks={r.get('max_gen_toks')}, "
+                             f"this run uses {max_gen_toks}; start a new output folder")
+        kept.setdefault((int(r["length"]), int(r["doc_id"]), r["method"]), []).append(dict(r))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -262,6 +273,15 @@ def run_ruler(
     for length in lengths:
         for i in range(samples):
             for name, press in methods.items():
+                old = kept.get((length, i, name), [])
+                if {r["task"] for r in old} >= set(tasks):
+                    old = [r for r in old if r["task"] in tasks]
+                    for r in old:
+                        hashes.setdefault((r["task"], length, i), r["prompt_sha"])
+                    records.extend(old)
+                    if bar is not None:
+                        bar.update(len(old))
+                    continue
                 if bar is not None:
                     bar.set_postfix_str(f"{name} @ {length}, sample {i + 1}/{samples}")
                 infos.clear()

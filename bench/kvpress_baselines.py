@@ -12,8 +12,9 @@ included, is the prefill that gets compressed; then greedy decoding, one token p
 Methods, each at every budget b (kvpress's ``compression_ratio = 1 - b``):
 - kvpress 0.5.5 presses with their defaults: SnapKV (window 64, kernel 5), ChunkKV (SnapKV scorer, chunks of 20),
   StreamingLLM (4 sinks), KeyDiff, Knorm, PyramidKV (window 64, beta 20);
-- ``windowkv-press``: tasksieve's WindowKVPress (defaults: window 8, group 8, strategy auto) through kvpress's hooks;
-  ``windowkv-press-right`` / ``windowkv-press-both``: the same with the neighbour rule (``neighbours="right"|"both"``);
+- ``windowkv-press``: tasksieve's WindowKVPress (defaults: window 8, group 8, strategy auto, neighbours "right") through
+  kvpress's hooks; ``windowkv-press-none`` / ``-right`` / ``-both``: the same with ``neighbours`` set explicitly
+  (``"none"`` = without the neighbour rule, the default before it was measured);
 - ``ts-windowkv``: ``tasksieve.patch(model, kv=WindowKV(b))`` through tasksieve's own harness (niah.run_case), the
   reference WindowKVPress must reproduce.
 
@@ -57,6 +58,7 @@ def make_press(name: str, budget: float):
         "knorm": lambda: kvpress.KnormPress(compression_ratio=cr),
         "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=cr),
         "windowkv-press": lambda: WindowKVPress(compression_ratio=cr),
+        "windowkv-press-none": lambda: WindowKVPress(compression_ratio=cr, neighbours="none"),
         "windowkv-press-right": lambda: WindowKVPress(compression_ratio=cr, neighbours="right"),
         "windowkv-press-both": lambda: WindowKVPress(compression_ratio=cr, neighbours="both"),
     }

@@ -162,6 +162,8 @@ def report(out: Path) -> str:
             if not rs:
                 continue
             lost = [f"{r['key']}->{r['answer'][:12]!r}" for r in rs if not r["passed"]]
+            if len(lost) > 4:
+                lost = lost[:3] + [f"(+{len(lost) - 3} more)"]
             table.append(dict(
                 length=length, method=m, samples=len(rs), passed=sum(r["passed"] for r in rs),
                 kl_decode=sum(r["kl_decode"] for r in rs) / len(rs),
@@ -191,7 +193,10 @@ def report(out: Path) -> str:
             rs = per[i]
             d = rs[0]["digit_pos"]
             split = "|".join(str(sum(1 for p in d if p // 8 == w)) for w in sorted({p // 8 for p in d}))
-            bad = ", ".join(f"{r['method']} ({r['answer'][:10]!r})" for r in rs if not r["passed"])
+            bad = ", ".join(f"{r['method']} ({r['answer'][:10]!r})" for r in rs
+                            if not r["passed"] and not r["method"].startswith("kvp-"))
+            nkvp = sum(1 for r in rs if not r["passed"] and r["method"].startswith("kvp-"))
+            bad += f"{'; ' if bad and nkvp else ''}{nkvp} kvpress rows" if nkvp else ""
             lines.append(f"| {length} | {i} | {rs[0]['key']} | {d[0]}-{d[-1]} | {split} | {bad} |")
     md = "\n".join(lines) + "\n"
     (out / "windowkv_units.md").write_text(md)

@@ -145,7 +145,7 @@ def _build(BasePress) -> type:
         group_scoring: str = "mean"
         auto_threshold: float = 0.5
         auto_top: float = 0.1
-        neighbours: str = "none"
+        neighbours: str = "right"
         neighbour_weight: float = 0.5
         # per request (per cache object) state; not a setting
         _states: Any = field(default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False)

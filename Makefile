@@ -163,8 +163,10 @@ RULER_PY      := $(RULER_VENV)/bin/python
 RULER_DEPS    := $(RULER_VENV)/.deps-stamp
 RULER_BUILD   := $(RULER_VENV)/.build-stamp
 RULER_PY_SRC  := $(shell find python/tasksieve -name '*.py' -not -name '_build_info.py')
-RULER_ARGS    ?= --tasks niah_single_1 --lengths 4096 --samples 10 \
-                 --methods dense,flexprefill:0.95:min_budget=2048,block_size=64,windowkv:0.12,windowkv:0.25,snapkv:0.12
+RULER_FLEX    := flexprefill:0.95:min_budget=2048,block_size=64
+RULER_METHODS := dense,windowkv:0.12:neighbours=none,snapkv:0.12,$(RULER_FLEX),windowkv:0.25:neighbours=none
+RULER_ARGS    ?= --tasks niah_single_1 --lengths 4096 --samples 10 --resume \
+                 --methods $(RULER_METHODS),windowkv:0.12:neighbours=right
 
 .PHONY: venv-ruler eval-ruler test-ruler
 
@@ -180,7 +182,8 @@ $(RULER_BUILD): $(RULER_DEPS) $(SOURCES) $(RULER_PY_SRC)
 
 venv-ruler: $(RULER_BUILD)
 
-# RULER niah_single_1 at 4k, 10 samples, dense + FlexPrefill + WindowKV/SnapKV (CPU, ~10 min): bench/results/ruler/
+# RULER niah_single_1 at 4k, 10 samples, dense + FlexPrefill + WindowKV/SnapKV (CPU, ~45 s a sample and method on
+# 2 cores: about 45 min; --resume keeps the answers already there): bench/results/ruler/
 eval-ruler: $(RULER_BUILD)
 	HF_HUB_OFFLINE=1 nice -n 19 $(RULER_PY) -m tasksieve ruler $(RULER_ARGS) --out bench/results/ruler
 
